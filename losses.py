@@ -1,0 +1,54 @@
+"""The preference losses, each a pure function of per-sequence log-probs.
+
+Convention: a "logps" tensor has shape (B,) and holds log pi(y|x) = sum over the completion tokens of
+log pi(y_t | x, y_<t); prompt tokens never count. `train.py --ipo_average` divides by the completion length
+instead (TRL's IPO); everything else sums, as the original DPO code and the TR paper authors' library do.
+
+In TR-DPO / TR-IPO / TR-KTO the losses are exactly these; only the reference that produced `ref_*` moves
+(see ref_update.py).
+"""
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+    """Direct Preference Optimization (Rafailov et al. 2023). Returns (losses, chosen_rewards, rejected_rewards)."""
+    # h = (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))
+    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    # DPO (Rafailov et al. eq. 7): L = -log sigmoid(beta * h)
+    losses = -F.logsigmoid(beta * h)
+    # implicit rewards r = beta * (log pi - log ref), logged only
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+    """Identity Preference Optimization (Azar et al. 2023); their tau is our beta (tau is the TR period here)."""
+    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    # IPO (Azar et al. 2023, empirical loss): L = (h - 1/(2*beta))^2, a squared loss that pins the margin instead of pushing it to infinity
+    losses = (h - 1 / (2 * beta)) ** 2
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def kto_loss(policy_logps, ref_logps, desirable, policy_kl_logps, ref_kl_logps, beta, lambda_d=1.0, lambda_u=1.0):
+    """Kahneman-Tversky Optimization (Ethayarajh et al. 2024) on unpaired examples. Returns (losses, rewards, kl).
+
+    desirable: (B,) bool. policy_kl_logps / ref_kl_logps: log-probs of mismatched (prompt, completion) pairs of the
+    batch, whose mean log-ratio estimates KL(pi || ref), the reference point z.
+    """
+    rewards = policy_logps - ref_logps  # r = log pi(y|x) - log ref(y|x)
+    kl = (policy_kl_logps - ref_kl_logps).mean().detach()
+    if dist.is_initialized():  # one z for the whole global batch, the same on every rank
+        dist.all_reduce(kl)
+        kl = kl / dist.get_world_size()
+    # z = max(0, E[log pi(y'|x) - log ref(y'|x)]): detached, a baseline rather than something to optimise
+    z = kl.clamp(min=0)
+    # KTO (Ethayarajh et al. 2024): desirable lambda_D*(1 - sigmoid(beta*(r - z))), undesirable lambda_U*(1 - sigmoid(beta*(z - r)))
+    losses = torch.where(desirable,
+                         lambda_d * (1 - torch.sigmoid(beta * (rewards - z))),
+                         lambda_u * (1 - torch.sigmoid(beta * (z - rewards))))
+    return losses, beta * rewards.detach(), kl

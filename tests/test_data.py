@@ -1,0 +1,122 @@
+"""Pair-consistent tokenization and truncation, the dataset conversions, batches and their masks."""
+import json
+
+import pytest
+import torch
+
+from conftest import PAIRS
+from data import DataError, batches, collate, encode, hh_row, load_rows, normalize, plain_prompt, tokenize, truncate
+
+HH_CHOSEN = ("\n\nHuman: What is a good name for a cat?\n\nAssistant: Whiskers is popular.\n\nHuman: Another one?"
+             "\n\nAssistant: How about Mittens?")
+HH_REJECTED = ("\n\nHuman: What is a good name for a cat?\n\nAssistant: Whiskers is popular.\n\nHuman: Another one?"
+               "\n\nAssistant: No.")
+
+
+def test_hh_prompt_is_the_shared_dialogue_and_completions_the_last_answers():
+    row = hh_row({"chosen": HH_CHOSEN, "rejected": HH_REJECTED})
+    assert row["prompt"] == [{"role": "user", "content": "What is a good name for a cat?"},
+                             {"role": "assistant", "content": "Whiskers is popular."},
+                             {"role": "user", "content": "Another one?"}]
+    assert row["chosen"] == "How about Mittens?" and row["rejected"] == "No."
+
+
+def test_hh_without_chat_template_renders_the_original_text(plain_tokenizer):
+    row = hh_row({"chosen": HH_CHOSEN, "rejected": HH_REJECTED})
+    prompt_ids, chosen_ids = encode(plain_tokenizer, row["prompt"], row["chosen"])
+    assert chosen_ids[-1] == plain_tokenizer.eos_token_id
+    assert plain_tokenizer.decode(prompt_ids + chosen_ids[:-1]) == HH_CHOSEN
+    assert plain_prompt(row["prompt"]) + " " + row["chosen"] == HH_CHOSEN
+
+
+def test_ultrafeedback_messages_become_prompt_and_last_answers():
+    row = normalize({"prompt": "hi", "chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}],
+                     "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Go away."}]}, "x")
+    assert row == {"prompt": "hi", "chosen": "Hello!", "rejected": "Go away."}
+    implicit = normalize({"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "A"}],
+                          "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "B"}]}, "x")
+    assert implicit["prompt"] == [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("which", ["chat_tokenizer", "plain_tokenizer"])
+def test_chosen_and_rejected_share_identical_prompt_ids_after_truncation(which, request):
+    tokenizer = request.getfixturevalue(which)
+    long_prompt = "Tell me about the sea. " * 40
+    rows = [{"prompt": long_prompt, "chosen": "The sea is big and blue. " * 10, "rejected": "No."}]
+    examples = tokenize(rows, tokenizer, max_length=64, max_prompt_length=32, log=lambda m: None)
+    e = examples[0]
+    assert len(e["prompt"]) + len(e["chosen"]) <= 64 and len(e["prompt"]) + len(e["rejected"]) <= 64
+    # both sides were built from one prompt: check against an independent re-encoding of each side
+    full_prompt, chosen_ids = encode(tokenizer, long_prompt, rows[0]["chosen"])
+    _, rejected_ids = encode(tokenizer, long_prompt, rows[0]["rejected"])
+    assert e["prompt"].tolist() == full_prompt[-len(e["prompt"]):]  # cut from the left: the end of the prompt stays
+    assert e["chosen"].tolist() == chosen_ids[: len(e["chosen"])]  # cut from the right: the start of the answer stays
+    assert e["rejected"].tolist() == rejected_ids  # short enough to stay whole, end-of-turn included
+
+
+def test_truncation_never_writes_eos_into_a_cut_completion():
+    eos = 2
+    p, c, r = truncate(list(range(10, 30)), list(range(100, 140)) + [eos], [200, 201, eos], max_length=32,
+                       max_prompt_length=8)
+    assert p == list(range(22, 30)) and c == list(range(100, 124)) and r == [200, 201, eos]
+    assert eos not in c
+
+
+def test_pairs_that_fit_are_left_alone():
+    assert truncate([1, 2], [3, 4], [5], max_length=4, max_prompt_length=1) == ([1, 2], [3, 4], [5])
+
+
+def test_empty_and_identical_pairs_are_dropped_and_counted(chat_tokenizer):
+    messages = []
+    rows = [{"prompt": "a", "chosen": "yes", "rejected": "no"}, {"prompt": "b", "chosen": "", "rejected": "no"},
+            {"prompt": "c", "chosen": "same", "rejected": "same"}]
+    examples = tokenize(rows, chat_tokenizer, 64, 32, log=messages.append)
+    assert [e["row"] for e in examples] == [0]
+    assert "dropped: chosen == rejected 1" in messages[0] and "dropped: empty completion 1" in messages[0]
+
+
+def test_bad_jsonl_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON"):
+        load_rows(str(path))
+    path.write_text(json.dumps({"prompt": "a", "chosen": "b"}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: missing field\(s\) rejected"):
+        load_rows(str(path))
+
+
+def test_loss_mask_marks_exactly_the_completion_tokens(chat_tokenizer):
+    examples = tokenize(load_rows(PAIRS)[:3], chat_tokenizer, 128, 64, log=lambda m: None)
+    batch = collate(examples, pad_id=chat_tokenizer.pad_token_id)
+    assert batch["input_ids"].shape[0] == 6  # chosen rows, then rejected rows
+    for i, e in enumerate(examples):
+        for row, completion in ((i, e["chosen"]), (i + 3, e["rejected"])):
+            n = len(e["prompt"]) + len(completion)
+            assert batch["input_ids"][row, batch["loss_mask"][row]].tolist() == completion.tolist()
+            assert batch["attention_mask"][row].sum() == n and not batch["loss_mask"][row, n:].any()
+
+
+def test_kto_kl_rows_pair_each_prompt_with_the_next_examples_completion(chat_tokenizer):
+    examples = tokenize(load_rows(PAIRS)[:3], chat_tokenizer, 128, 64, log=lambda m: None)
+    batch = collate(examples, pad_id=chat_tokenizer.pad_token_id, method="kto", max_length=128)
+    completions = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
+    prompts = [e["prompt"] for e in examples] * 2
+    for i in range(6):
+        row = batch["kl"]["input_ids"][i]
+        assert row[: len(prompts[i])].tolist() == prompts[i].tolist()
+        assert row[batch["kl"]["loss_mask"][i]].tolist() == completions[(i + 1) % 6].tolist()
+
+
+def test_two_ranks_see_the_same_pairs_per_step_as_one_process():
+    examples = [{"row": i} for i in range(37)]
+    one = list(batches(examples, 4, rank=0, world_size=1, seed=3, epoch=1))
+    two = [list(batches(examples, 2, rank=r, world_size=2, seed=3, epoch=1)) for r in (0, 1)]
+    for step in range(4):  # one process: micro-batch of 4; two ranks: micro-batches of 2 each
+        assert sorted(e["row"] for e in one[step]) == sorted(e["row"] for r in (0, 1) for e in two[r][step])
+
+
+def test_resuming_mid_epoch_continues_the_same_order():
+    examples = [{"row": i} for i in range(20)]
+    full = [[e["row"] for e in b] for b in batches(examples, 3, 0, 1, seed=0, epoch=0)]
+    rest = [[e["row"] for e in b] for b in batches(examples, 3, 0, 1, seed=0, epoch=0, skip=2)]
+    assert rest == full[2:]

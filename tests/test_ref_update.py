@@ -1,0 +1,90 @@
+"""The paper's update rule against float64 arithmetic, its schedule, and its precision."""
+import copy
+
+import pytest
+import torch
+
+from ref_update import should_update, update_reference
+
+
+def two_models(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    policy = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).to(dtype)
+    reference = copy.deepcopy(policy)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p))  # the policy has moved away from the reference
+    return policy, reference
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_update_matches_float64_mix(alpha):
+    policy, reference = two_models()
+    expected = [alpha * p.double() + (1 - alpha) * r.double() for p, r in zip(policy.parameters(), reference.parameters())]
+    update_reference(reference, policy, alpha)
+    for got, want in zip(reference.parameters(), expected):
+        assert torch.allclose(got.double(), want, rtol=1e-6, atol=1e-7)
+
+
+def test_hard_update_copies_bitwise():
+    policy, reference = two_models()
+    update_reference(reference, policy, 1.0)
+    assert all(torch.equal(r, p) for r, p in zip(reference.parameters(), policy.parameters()))
+
+
+def test_alpha_zero_leaves_reference_bitwise_unchanged():
+    policy, reference = two_models()
+    before = [r.clone() for r in reference.parameters()]
+    update_reference(reference, policy, 0.0)
+    assert all(torch.equal(r, b) for r, b in zip(reference.parameters(), before))
+
+
+def test_update_does_not_touch_the_policy():
+    policy, reference = two_models()
+    before = [p.clone() for p in policy.parameters()]
+    update_reference(reference, policy, 0.6)
+    assert all(torch.equal(p, b) for p, b in zip(policy.parameters(), before))
+
+
+def test_should_update_every_tau_optimizer_steps_counted_from_one():
+    assert [s for s in range(1, 21) if should_update(s, 8)] == [8, 16]
+    assert [s for s in range(1, 6) if should_update(s, 1)] == [1, 2, 3, 4, 5]
+    assert not should_update(511, 512) and should_update(512, 512) and should_update(1024, 512)
+
+
+def soft_updates_100_times(reference_dtype):
+    """A bf16 policy sitting 1% away from its reference (weights near 1): alpha = 0.01 applied 100 times."""
+    policy = torch.nn.Linear(64, 64, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        policy.weight.fill_(1.0)
+    reference = copy.deepcopy(policy).to(reference_dtype)
+    with torch.no_grad():
+        reference.weight.fill_(0.9921875)  # exactly representable in bf16: 1 - 2^-7
+    for _ in range(100):
+        update_reference(reference, policy, 0.01)
+    # closed form: ref_n = theta + (ref_0 - theta) * (1 - alpha)^n
+    expected = 1.0 + (0.9921875 - 1.0) * (1 - 0.01) ** 100
+    moved = reference.weight.double().mean().item() - 0.9921875
+    return moved, expected - 0.9921875
+
+
+def test_fp32_reference_does_not_stall_at_small_alpha():
+    moved, expected = soft_updates_100_times(torch.float32)  # what train.py does: the reference stays fp32
+    assert moved == pytest.approx(expected, rel=1e-4)
+
+
+def test_bf16_reference_would_stall_at_small_alpha():
+    moved, expected = soft_updates_100_times(torch.bfloat16)  # the bf16 lerp rounds every small step away
+    assert abs(moved - expected) > 0.5 * abs(expected)
+
+
+def test_update_unwraps_ddp_and_needs_no_communication(tmp_path):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        policy, reference = two_models()
+        wrapped = torch.nn.parallel.DistributedDataParallel(policy)
+        update_reference(reference, wrapped, 1.0)
+        assert all(torch.equal(r, p) for r, p in zip(reference.parameters(), policy.parameters()))
+    finally:
+        dist.destroy_process_group()

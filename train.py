@@ -1,0 +1,349 @@
+"""Train a policy with DPO, IPO or KTO, with the paper's moving reference (TR-DPO, TR-IPO, TR-KTO), or with SFT.
+
+    python train.py                                           # TR-DPO on the built-in demo set, SmolLM2-135M, CPU ok
+    torchrun --nproc_per_node 8 train.py --method tr_ipo --tau 512 --model EleutherAI/pythia-2.8b --dataset hh
+    python train.py --resume --out_dir out/demo               # continue from the latest complete checkpoint
+
+The same file runs under `python` (one process) and `torchrun` (DDP: NCCL on GPUs, gloo on CPUs).
+"""
+import argparse
+import contextlib
+import copy
+import glob
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from data import DataError, batches, collate, load_rows, tokenize
+from losses import dpo_loss, ipo_loss, kto_loss
+from model import DEFAULT_MODEL, load_model, load_tokenizer, sequence_logps
+from ref_update import should_update, update_reference
+
+# ----------------------------------------------------------------------------------------------------------------
+# arguments: every default is the demo's; the README gives the paper's settings
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--method", default="tr_dpo", choices=["sft", "dpo", "ipo", "kto", "tr_dpo", "tr_ipo", "tr_kto"])
+p.add_argument("--beta", type=float, default=0.1, help="KL strength of DPO/IPO/KTO (IPO's tau)")
+p.add_argument("--alpha", type=float, default=None, help="TR: weight of the policy in each reference update (default 1)")
+p.add_argument("--tau", type=int, default=None, help="TR: update the reference every tau optimizer steps (default 16)")
+p.add_argument("--ipo_average", action="store_true", help="IPO on per-token mean log-probs (TRL) instead of sums")
+p.add_argument("--kto_lambda_d", type=float, default=1.0, help="KTO weight of desirable (chosen) examples")
+p.add_argument("--kto_lambda_u", type=float, default=1.0, help="KTO weight of undesirable (rejected) examples")
+p.add_argument("--model", default=DEFAULT_MODEL, help="HF id, local folder, config.json, or the built-in default")
+p.add_argument("--dataset", default="demo", help="demo | hh | tldr | ultrafeedback | PATH.jsonl")
+p.add_argument("--max_length", type=int, default=512, help="tokens of prompt + completion")
+p.add_argument("--max_prompt_length", type=int, default=256, help="prompt tokens kept when a pair must be cut")
+p.add_argument("--lr", type=float, default=1e-5)
+p.add_argument("--warmup_steps", type=int, default=5)
+p.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"], help="after warm-up")
+p.add_argument("--weight_decay", type=float, default=0.0)
+p.add_argument("--max_grad_norm", type=float, default=2.0)
+p.add_argument("--batch_size", type=int, default=8, help="pairs per optimizer step, over all processes")
+p.add_argument("--micro_batch_size", type=int, default=4, help="pairs per process per forward pass")
+p.add_argument("--epochs", type=int, default=1)
+p.add_argument("--max_steps", type=int, default=48, help="optimizer steps; 0 = as many as --epochs give")
+p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="autocast; auto = bf16 on CUDA")
+p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing of the policy (not the reference)")
+p.add_argument("--seed", type=int, default=0)
+p.add_argument("--out_dir", default="out/demo")
+p.add_argument("--log_interval", type=int, default=4, help="optimizer steps between log lines")
+p.add_argument("--eval_interval", type=int, default=16, help="optimizer steps between evaluations on held-out pairs")
+p.add_argument("--eval_pairs", type=int, default=64, help="held-out pairs for eval and drift from the SFT model")
+p.add_argument("--save_interval", type=int, default=0, help="optimizer steps between checkpoints; 0 = only at the end")
+p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out_dir")
+args = p.parse_args()
+
+# one parse of --method: the loss to use, and whether the reference moves
+moving_reference = args.method.startswith("tr_")
+base_method = args.method.removeprefix("tr_")
+loss_fn = {"dpo": dpo_loss, "ipo": ipo_loss, "kto": kto_loss, "sft": None}[base_method]
+if not moving_reference and (args.alpha is not None or args.tau is not None):
+    p.error(f"--alpha/--tau move the reference, which only the TR methods do; use --method tr_{base_method}")
+alpha = 1.0 if args.alpha is None else args.alpha
+tau = 16 if args.tau is None else args.tau
+if not 0 <= alpha <= 1:
+    p.error(f"--alpha {alpha} must lie in [0, 1] (the weight of the policy in the reference update)")
+if tau < 1:
+    p.error(f"--tau {tau} must be at least 1 (the reference is updated every tau optimizer steps)")
+if args.beta <= 0:
+    p.error(f"--beta {args.beta} must be positive")
+
+# ----------------------------------------------------------------------------------------------------------------
+# processes and devices: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python is one process
+ddp = "RANK" in os.environ
+rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+local_rank = int(os.environ.get("LOCAL_RANK", 0))
+master = rank == 0
+if args.batch_size % (args.micro_batch_size * world_size):
+    p.error(f"--batch_size {args.batch_size} must be a multiple of --micro_batch_size {args.micro_batch_size} "
+            f"x {world_size} processes")
+grad_accum = args.batch_size // (args.micro_batch_size * world_size)
+device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+if ddp:
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # weights stay fp32 (the master copy)
+torch.manual_seed(args.seed)
+random.seed(args.seed)
+
+
+def log(message):
+    if master:
+        tqdm.write(message)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data: tokenized once per process; the eval pairs are held out (the dataset's test split)
+tokenizer = load_tokenizer(args.model, log=log)
+rows = load_rows(args.dataset, "train")
+if args.dataset.endswith(".jsonl"):  # a local file has no test split: hold out its last rows
+    rows, eval_rows = rows[: -args.eval_pairs], rows[-args.eval_pairs:]
+else:
+    eval_rows = load_rows(args.dataset, "test")[: args.eval_pairs]
+train_set = tokenize(rows, tokenizer, args.max_length, args.max_prompt_length, log=log)
+eval_set = tokenize(eval_rows, tokenizer, args.max_length, args.max_prompt_length, log=log)[rank::world_size]
+steps_per_epoch = len(train_set) // args.batch_size
+if steps_per_epoch == 0:
+    raise DataError(f"{len(train_set)} training pairs cannot fill one batch of --batch_size {args.batch_size}")
+max_steps = args.max_steps or args.epochs * steps_per_epoch
+micro_steps_per_epoch = steps_per_epoch * grad_accum
+pad_id = tokenizer.pad_token_id
+
+# ----------------------------------------------------------------------------------------------------------------
+# models: the policy trains; the reference starts as an exact copy of it (the SFT model) and stays in fp32
+policy = load_model(args.model, seed=args.seed).to(device)
+reference = None if base_method == "sft" else copy.deepcopy(policy).requires_grad_(False)
+if args.grad_ckpt:  # recompute activations in backward: memory for compute, policy only (the reference has no backward)
+    policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.train()  # HF checkpoints only in train mode; every dropout was set to 0 when loading
+
+
+def to_device(batch):
+    return {k: (to_device(v) if isinstance(v, dict) else v.to(device)) for k, v in batch.items()}
+
+
+# the held-out pairs, and their log-probs under the ORIGINAL (SFT) model, computed once before any step, so that the
+# drift from it can be logged without a third model in memory
+eval_batches = [to_device(collate(eval_set[i: i + args.micro_batch_size], pad_id))
+                for i in range(0, len(eval_set), args.micro_batch_size)]
+
+
+@torch.no_grad()
+def all_logps(model):
+    with autocast:
+        return [sequence_logps(model, b) for b in eval_batches]
+
+
+sft_logps = all_logps(policy)  # before any step (and before a resume loads its weights) the policy is the SFT model
+optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                              fused=device.type == "cuda")
+step, ref_updates, epoch, micro_step = 0, 0, 0, 0  # micro_step: micro-batches consumed in this epoch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints: step_N/policy is a plain Hugging Face folder; step_N/state.pt holds everything else
+def save_checkpoint():
+    final = os.path.join(args.out_dir, f"step_{step:06d}")
+    tmp = final + ".tmp"  # written under a temporary name, then renamed: a crash never leaves a half checkpoint
+    if master:
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy_raw.save_pretrained(os.path.join(tmp, "policy"))
+        tokenizer.save_pretrained(os.path.join(tmp, "policy"))
+        torch.save({"optimizer": optimizer.state_dict(),
+                    "reference": reference.state_dict() if moving_reference else None,  # the moved reference
+                    "step": step, "ref_updates": ref_updates, "epoch": epoch, "micro_step": micro_step,
+                    "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None},
+                    "args": vars(args)}, os.path.join(tmp, "state.pt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        log(f"saved {final}")
+    if ddp:
+        dist.barrier()
+
+
+if args.resume:
+    done = sorted(d for d in glob.glob(os.path.join(args.out_dir, "step_*")) if not d.endswith(".tmp"))
+    if not done:
+        raise SystemExit(f"error: --resume found no complete checkpoint (step_*) in {args.out_dir}")
+    log(f"resuming from {done[-1]}")
+    policy.load_state_dict(load_model(os.path.join(done[-1], "policy")).state_dict())
+    state = torch.load(os.path.join(done[-1], "state.pt"), weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    if moving_reference:
+        reference.load_state_dict(state["reference"])  # continue with the reference the run had, not the SFT model
+    step, ref_updates, epoch, micro_step = state["step"], state["ref_updates"], state["epoch"], state["micro_step"]
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+policy_raw = policy
+if ddp:
+    policy = DDP(policy, device_ids=[local_rank] if device.type == "cuda" else None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one micro-batch: per-example losses and the metrics TRL users know
+def forward(batch):
+    """Returns (per-example losses, metric sums, number of pairs)."""
+    if base_method == "sft":  # next-token NLL on the chosen completions
+        logps = sequence_logps(policy, batch)
+        losses = -logps / batch["loss_mask"].sum(-1)
+        return losses, {"loss": losses.sum().item(), "logps/chosen": logps.sum().item()}, len(losses)
+    average = args.ipo_average and base_method == "ipo"
+    policy_logps = sequence_logps(policy, batch, average)  # (2B,) chosen rows first, then rejected
+    with torch.no_grad():
+        ref_logps = sequence_logps(reference, batch, average)
+    if base_method == "kto":
+        with torch.no_grad():  # the KL estimate z is detached, so its forward passes need no graph
+            policy_kl_logps = sequence_logps(policy_raw, batch["kl"])
+            ref_kl_logps = sequence_logps(reference, batch["kl"])
+        desirable = torch.arange(len(policy_logps), device=device) < len(policy_logps) // 2
+        losses, rewards, kl = kto_loss(policy_logps, ref_logps, desirable, policy_kl_logps, ref_kl_logps,
+                                       args.beta, args.kto_lambda_d, args.kto_lambda_u)
+        chosen_rewards, rejected_rewards = rewards.chunk(2)
+        extra = {"kl": kl.item() * len(chosen_rewards)}
+    else:
+        chosen, rejected = policy_logps.chunk(2)
+        ref_chosen, ref_rejected = ref_logps.chunk(2)
+        losses, chosen_rewards, rejected_rewards = loss_fn(chosen, rejected, ref_chosen, ref_rejected, args.beta)
+        extra = {}
+    n = len(chosen_rewards)
+    logps_c, logps_r = policy_logps.detach().chunk(2)
+    return losses, {"loss": losses.mean().item() * n, "rewards/chosen": chosen_rewards.sum().item(),
+                    "rewards/rejected": rejected_rewards.sum().item(),
+                    "rewards/margins": (chosen_rewards - rejected_rewards).sum().item(),
+                    "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum().item(),
+                    "logps/chosen": logps_c.sum().item(), "logps/rejected": logps_r.sum().item(), **extra}, n
+
+
+def all_reduce_sum(values):
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if ddp:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_reduce_mean(sums, count):
+    """Sums of metrics on this rank -> means over all ranks' examples (never rank 0's numbers alone)."""
+    *totals, n = all_reduce_sum(list(sums.values()) + [count])
+    return {k: v / n for k, v in zip(sums, totals)}
+
+
+@torch.no_grad()
+def evaluate():
+    """Held-out pairs against the (moving) reference, and the drift of the policy from the original SFT model."""
+    sums = {}
+    refs = all_logps(reference) if reference is not None else sft_logps
+    for pol, sft, ref in zip(all_logps(policy_raw), sft_logps, refs):
+        (pc, pr), (sc, sr), (rc, rr) = pol.chunk(2), sft.chunk(2), ref.chunk(2)
+        m = {"eval/rewards/accuracies": ((pc - rc) > (pr - rr)).float(),
+             "eval/rewards/margins": args.beta * ((pc - rc) - (pr - rr)),
+             "drift/chosen": pc - sc, "drift/rejected": pr - sr,  # log pi - log pi_SFT on held-out completions
+             "drift/accuracies": ((pc - sc) > (pr - sr)).float()}  # implicit-reward accuracy against the SFT model
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + v.sum().item()
+    return all_reduce_mean(sums, len(eval_set))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the loop
+def get_lr(step):
+    """Linear warm-up, then constant, linear or cosine decay to 0. A pure function of step: the step is its state."""
+    if step <= args.warmup_steps:
+        return args.lr * step / max(1, args.warmup_steps)
+    progress = (step - args.warmup_steps) / max(1, max_steps - args.warmup_steps)
+    return args.lr * {"constant": 1.0, "linear": 1 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[
+        args.schedule]
+
+
+def micro_batches():
+    """This rank's micro-batches from the data position (epoch, micro_step) on, forever (epoch after epoch)."""
+    global epoch, micro_step
+    while True:
+        for examples in batches(train_set, args.micro_batch_size, rank, world_size, args.seed, epoch, micro_step):
+            micro_step += 1
+            yield to_device(collate(examples, pad_id, base_method, args.max_length))
+        epoch, micro_step = epoch + 1, 0
+
+
+os.makedirs(args.out_dir, exist_ok=True)
+metrics_file = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if master else None
+log(f"{args.method}: {len(train_set)} pairs, {max_steps} steps of {args.batch_size} pairs "
+    f"({world_size} processes x {args.micro_batch_size} x {grad_accum} accumulation), device {device}, "
+    f"{'bf16 autocast' if use_bf16 else 'fp32'}" + (f", reference update alpha={alpha} every tau={tau} steps"
+                                                   if moving_reference else ""))
+if master and not args.resume:
+    json.dump(vars(args), open(os.path.join(args.out_dir, "args.json"), "w"), indent=1)
+data = micro_batches()
+sums, count, grad_norms, tokens, t0 = {}, 0, [], 0, time.time()
+drift = evaluate()
+progress = tqdm(total=max_steps, initial=step, disable=not master, desc=args.method, dynamic_ncols=True)
+while step < max_steps:
+    lr = get_lr(step + 1)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    for micro in range(grad_accum):
+        batch = next(data)
+        # DDP all-reduces gradients on the last micro-step only; no_sync() covers both forward and backward
+        sync = contextlib.nullcontext() if not ddp or micro == grad_accum - 1 else policy.no_sync()
+        with sync:
+            with autocast:
+                losses, metric_sums, n = forward(batch)
+            (losses.mean() / grad_accum).backward()
+        for k, v in metric_sums.items():
+            sums[k] = sums.get(k, 0.0) + v
+        count += n
+        tokens += int(batch["attention_mask"].sum()) + (int(batch["kl"]["attention_mask"].sum()) if "kl" in batch else 0)
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+    if not torch.isfinite(grad_norm):
+        raise SystemExit(f"error: step {step + 1}: the gradient norm is {grad_norm.item()}; rows "
+                         f"{batch['rows'].tolist()} of the last micro-batch. Lower --lr or check the data.")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    step += 1
+    # the paper's one line: every tau steps, theta_ref <- alpha * theta + (1 - alpha) * theta_ref
+    if moving_reference and should_update(step, tau):
+        update_reference(reference, policy, alpha)
+        ref_updates += 1
+    grad_norms.append(grad_norm.item())
+    progress.update(1)
+
+    if step % args.eval_interval == 0 or step == max_steps:
+        drift = evaluate()
+    if step % args.log_interval == 0 or step == max_steps:
+        record = {"step": step, **all_reduce_mean(sums, count), "grad_norm": sum(grad_norms) / len(grad_norms),
+                  "lr": lr, "tokens_per_s": all_reduce_sum([tokens])[0] / (time.time() - t0),
+                  "ref_updates": ref_updates, "epoch": epoch, **drift}
+        progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record.get('rewards/accuracies', 0):.2f}")
+        log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        if master:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+        sums, count, grad_norms, tokens, t0 = {}, 0, [], 0, time.time()
+    if (args.save_interval and step % args.save_interval == 0) or step == max_steps:
+        save_checkpoint()
+
+progress.close()
+if ddp:  # replicas must end identical, bit for bit: DDP averaged the same gradients and each rank moved its reference alike
+    digest = hashlib.sha256()
+    for t in list(policy_raw.parameters()) + (list(reference.parameters()) if reference is not None else []):
+        digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    digests = [None] * world_size
+    dist.all_gather_object(digests, digest.hexdigest())
+    if len(set(digests)) > 1:
+        raise SystemExit(f"error: the replicas diverged: parameter sha256 per rank {digests}")
+    log(f"policy and reference sha256 {digests[0][:16]} identical on all {world_size} ranks")
+    dist.destroy_process_group()
