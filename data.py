@@ -31,12 +31,16 @@ class DataError(SystemExit):
         super().__init__(f"error: {message}")
 
 
+class BadRow(ValueError):
+    """One malformed row; reported with its place (file:line), all of a file's at once."""
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # rows: every source in one shape
 
 
 def hh_dialogue(text):
-    """'\\n\\nHuman: a\\n\\nAssistant: b ...' -> [{"role": "user", "content": "a"}, {"role": "assistant", ...}, ...]"""
+    """'\n\nHuman: a\n\nAssistant: b ...' -> [{"role": "user", "content": "a"}, {"role": "assistant", ...}, ...]"""
     messages = []
     for chunk in text.split("\n\nHuman: ")[1:]:
         turns = chunk.split("\n\nAssistant: ")
@@ -49,78 +53,110 @@ def hh_row(row):
     """Split an HH pair (two whole dialogues) into the shared prompt and the two final answers."""
     marker = "\n\nAssistant:"
     common = os.path.commonprefix([row["chosen"], row["rejected"]])
+    if marker not in common:
+        raise BadRow("chosen and rejected share no dialogue prefix ending in '\\n\\nAssistant:'")
     cut = common.rfind(marker) + len(marker)  # the last assistant turn both dialogues start identically
-    prompt = row["chosen"][:cut]
-    return {"prompt": hh_dialogue(prompt[: -len(marker)]),
+    return {"prompt": hh_dialogue(row["chosen"][: cut - len(marker)]),
             "chosen": row["chosen"][cut:].strip(), "rejected": row["rejected"][cut:].strip()}
 
 
-def last_answer(side, where):
+def last_answer(side):
     """A completion given as messages ends with the assistant's answer; the text of that answer."""
-    if isinstance(side, str):
-        return side
-    if not side or side[-1].get("role") != "assistant":
-        raise DataError(f"{where}: a completion given as messages must end with an assistant message")
-    return side[-1]["content"]
+    if isinstance(side, list):
+        if not side or not isinstance(side[-1], dict) or side[-1].get("role") != "assistant":
+            raise BadRow("a completion given as messages must end with an assistant message")
+        return side[-1].get("content")
+    return side
 
 
-def normalize(row, where):
-    """Check one row and bring it to {"prompt", "chosen", "rejected"}; `where` names it in errors (file:line)."""
+def normalize(row):
+    """Check one row and bring it to {"prompt", "chosen", "rejected"}, or raise BadRow saying what is wrong."""
+    if isinstance(row, BadRow):
+        raise row
     if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object with prompt/chosen/rejected, got {type(row).__name__}")
-    missing = [k for k in ("chosen", "rejected") if k not in row]
+        raise BadRow(f"expected a JSON object with prompt/chosen/rejected, got {type(row).__name__}")
+    missing = [k for k in ("prompt", "chosen", "rejected") if k not in row
+               and not (k == "prompt" and isinstance(row.get("chosen"), list))]  # messages carry their own prompt
     if missing:
-        raise DataError(f"{where}: missing field(s) {', '.join(missing)}")
-    prompt = row.get("prompt")
-    if prompt is None and isinstance(row["chosen"], list):  # implicit prompt: the messages before the answer
-        prompt = row["chosen"][:-1]
-    if prompt is None:
-        raise DataError(f"{where}: missing field prompt")
+        raise BadRow(f"missing field(s) {', '.join(missing)}")
+    prompt = row["prompt"] if "prompt" in row else row["chosen"][:-1]
     if isinstance(prompt, list):
         for m in prompt:
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
-                    or not isinstance(m.get("content"), str):
-                raise DataError(f"{where}: prompt messages need a role of system/user/assistant and text content, got {m!r}")
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+                raise BadRow(f"unknown message role in {m!r}: expected system, user or assistant")
+            if not isinstance(m.get("content"), str):
+                raise BadRow(f"message content must be text, got {m!r}")
     elif not isinstance(prompt, str):
-        raise DataError(f"{where}: prompt must be text or a list of messages, got {type(prompt).__name__}")
-    out = {"prompt": prompt, "chosen": last_answer(row["chosen"], where), "rejected": last_answer(row["rejected"], where)}
+        raise BadRow(f"prompt must be text or a list of messages, got {type(prompt).__name__}")
+    out = {"prompt": prompt, "chosen": last_answer(row["chosen"]), "rejected": last_answer(row["rejected"])}
     for k in ("chosen", "rejected"):
         if not isinstance(out[k], str):
-            raise DataError(f"{where}: {k} must be text, got {type(out[k]).__name__}")
+            raise BadRow(f"{k} must be text, got {type(out[k]).__name__}")
+        if not out[k].strip():
+            raise BadRow(f"{k} is empty")
+    if out["chosen"] == out["rejected"]:
+        raise BadRow("chosen and rejected are identical: there is no preference to learn")
+    if isinstance(prompt, str) and not prompt.strip() or prompt == []:
+        raise BadRow("prompt is empty")
     return out
 
 
-def read_jsonl(path):
+def jsonl_lines(path):
+    """(place, parsed row or BadRow) for each non-blank line of a JSONL file."""
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: not valid JSON ({e.msg})")
-            rows.append(normalize(row, f"{path}:{number}"))
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield f"{path}:{number}", BadRow(f"not valid UTF-8 (byte {e.start})")
+                continue
+            if line.strip():
+                try:
+                    yield f"{path}:{number}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield f"{path}:{number}", BadRow(f"not valid JSON ({e.msg}, column {e.colno})")
+
+
+def checked(source, items, skip_bad_rows, log):
+    """Normalize every (place, row); report all bad rows at once: an error, or with --skip_bad_rows a counted skip."""
+    rows, problems = [], []
+    for where, row in items:
+        try:
+            rows.append({**normalize(row), "where": where})
+        except BadRow as e:
+            problems.append(f"{where}: {e}")
+    if problems:
+        listing = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        if not skip_bad_rows:
+            raise DataError(f"{source}: {len(problems)} bad row(s) of {len(problems) + len(rows)}:\n  {listing}\n"
+                            "fix them, or pass --skip_bad_rows to leave them out (they are counted)")
+        log(f"{source}: skipped {len(problems)} bad row(s) of {len(problems) + len(rows)} (--skip_bad_rows):\n  {listing}")
     if not rows:
-        raise DataError(f"{path}: the file has no rows")
+        raise DataError(f"{source}: no usable rows")
     return rows
 
 
-def load_rows(name, split="train"):
-    """The rows of a dataset by name (see the top of this file); split is "train" or "test"."""
-    if name == "demo":
-        return read_jsonl(DEMO[split])
-    if name.endswith(".jsonl"):
-        return read_jsonl(name)
-    if name not in HUB:
-        raise DataError(f"--dataset {name!r}: expected demo, {', '.join(HUB)} or a path ending in .jsonl")
+def hub_rows(name, split):
     import datasets  # only the hub datasets need it
     hub_id, config, train_split, test_split = HUB[name]
     table = datasets.load_dataset(hub_id, config, split=train_split if split == "train" else test_split)
-    convert = hh_row if name == "hh" else (lambda row: row)
-    return [normalize(convert(row), f"{hub_id}[{i}]") for i, row in enumerate(table)]
+    for i, row in enumerate(table):
+        try:
+            yield f"{hub_id}[{i}]", hh_row(row) if name == "hh" else row
+        except BadRow as e:
+            yield f"{hub_id}[{i}]", e
+
+
+def load_rows(name, split="train", skip_bad_rows=False, log=print):
+    """The rows of a dataset by name (see the top of this file); split is "train" or "test"."""
+    if name == "demo" or name.endswith(".jsonl"):
+        path = DEMO[split] if name == "demo" else name
+        return checked(path, jsonl_lines(path), skip_bad_rows, log)
+    if name not in HUB:
+        raise DataError(f"--dataset {name!r}: expected demo, {', '.join(HUB)} or a path ending in .jsonl")
+    return checked(f"{name} ({split})", hub_rows(name, split), skip_bad_rows, log)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -171,22 +207,20 @@ def tokenize(rows, tokenizer, max_length, max_prompt_length, log=print):
     """Rows -> examples {"prompt", "chosen", "rejected": int32 tensors, "row": index}. Prints what it cut and dropped."""
     if not 0 < max_prompt_length < max_length:
         raise DataError(f"--max_prompt_length {max_prompt_length} must be between 0 and --max_length {max_length}")
-    examples, counts = [], {"prompt cut": 0, "completion cut": 0, "dropped: chosen == rejected": 0,
-                            "dropped: empty completion": 0}
+    examples, counts = [], {"prompt cut": 0, "completion cut": 0, "dropped (same tokens)": 0, "dropped (empty)": 0}
     for i, row in enumerate(rows):
         prompt_ids, chosen_ids = encode(tokenizer, row["prompt"], row["chosen"])
         _, rejected_ids = encode(tokenizer, row["prompt"], row["rejected"])
-        if chosen_ids == rejected_ids:
-            counts["dropped: chosen == rejected"] += 1  # no preference to learn, and DPO's gradient is zero
-            continue
         p, c, r = truncate(prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length)
         counts["prompt cut"] += len(p) < len(prompt_ids)
         counts["completion cut"] += len(c) < len(chosen_ids) or len(r) < len(rejected_ids)
-        if not row["chosen"].strip() or not row["rejected"].strip() or not c or not r:
-            counts["dropped: empty completion"] += 1
-            continue
-        examples.append({"prompt": torch.tensor(p, dtype=torch.int32), "chosen": torch.tensor(c, dtype=torch.int32),
-                         "rejected": torch.tensor(r, dtype=torch.int32), "row": i})
+        if c == r:  # texts differ only in what the tokenizer or the cut removed: no preference left, zero gradient
+            counts["dropped (same tokens)"] += 1
+        elif not c or not r:
+            counts["dropped (empty)"] += 1
+        else:
+            examples.append({"prompt": torch.tensor(p, dtype=torch.int32), "chosen": torch.tensor(c, dtype=torch.int32),
+                             "rejected": torch.tensor(r, dtype=torch.int32), "row": i})
     log(f"tokenized {len(examples)} of {len(rows)} pairs (max_length {max_length}): "
         + ", ".join(f"{k} {v}" for k, v in counts.items()))
     if not examples:
@@ -244,7 +278,7 @@ def batches(examples, micro_batch_size, rank, world_size, seed, epoch, skip=0):
 
 def inspect(args):
     from model import load_tokenizer
-    rows = load_rows(args.dataset, args.split)
+    rows = load_rows(args.dataset, args.split, skip_bad_rows=True)  # list every problem of the file in one pass
     tokenizer = load_tokenizer(args.model)
     examples = tokenize(rows, tokenizer, args.max_length, args.max_prompt_length)
     for name in ("prompt", "chosen", "rejected"):

@@ -16,7 +16,9 @@ import math
 import os
 import random
 import shutil
+import signal
 import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -60,6 +62,10 @@ p.add_argument("--eval_interval", type=int, default=16, help="optimizer steps be
 p.add_argument("--eval_pairs", type=int, default=64, help="held-out pairs for eval and drift from the SFT model")
 p.add_argument("--save_interval", type=int, default=0, help="optimizer steps between checkpoints; 0 = only at the end")
 p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out_dir")
+p.add_argument("--skip_bad_rows", action="store_true", help="leave malformed data rows out (counted) instead of stopping")
+p.add_argument("--skip_nonfinite", type=int, default=0, help="skip up to N steps whose loss or gradient is NaN/inf "
+               "(counted); 0 = stop at the first, saving the last good state")
+p.add_argument("--dist_timeout", type=int, default=1800, help="seconds a collective may wait for a rank that hangs")
 args = p.parse_args()
 
 # one parse of --method: the loss to use, and whether the reference moves
@@ -91,7 +97,7 @@ device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cp
 if ddp:
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=args.dist_timeout))
 use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
 autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # weights stay fp32 (the master copy)
 torch.manual_seed(args.seed)
@@ -106,11 +112,11 @@ def log(message):
 # ----------------------------------------------------------------------------------------------------------------
 # data: tokenized once per process; the eval pairs are held out (the dataset's test split)
 tokenizer = load_tokenizer(args.model, log=log)
-rows = load_rows(args.dataset, "train")
+rows = load_rows(args.dataset, "train", args.skip_bad_rows, log)
 if args.dataset.endswith(".jsonl"):  # a local file has no test split: hold out its last rows
     rows, eval_rows = rows[: -args.eval_pairs], rows[-args.eval_pairs:]
 else:
-    eval_rows = load_rows(args.dataset, "test")[: args.eval_pairs]
+    eval_rows = load_rows(args.dataset, "test", args.skip_bad_rows, log)[: args.eval_pairs]
 train_set = tokenize(rows, tokenizer, args.max_length, args.max_prompt_length, log=log)
 eval_set = tokenize(eval_rows, tokenizer, args.max_length, args.max_prompt_length, log=log)[rank::world_size]
 steps_per_epoch = len(train_set) // args.batch_size
@@ -146,6 +152,8 @@ def all_logps(model):
 
 
 sft_logps = all_logps(policy)  # before any step (and before a resume loads its weights) the policy is the SFT model
+if getattr(policy.config, "tie_word_embeddings", False):
+    log("note: input and output embeddings are tied: one tensor, updated (and mixed into the reference) once")
 optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                               fused=device.type == "cuda")
 step, ref_updates, epoch, micro_step = 0, 0, 0, 0  # micro_step: micro-batches consumed in this epoch
@@ -288,13 +296,27 @@ log(f"{args.method}: {len(train_set)} pairs, {max_steps} steps of {args.batch_si
 if master and not args.resume:
     json.dump(vars(args), open(os.path.join(args.out_dir, "args.json"), "w"), indent=1)
 data = micro_batches()
-sums, count, grad_norms, tokens, t0 = {}, 0, [], 0, time.time()
+sums, count, grad_norms, tokens, t0, skipped = {}, 0, [], 0, time.time(), 0
 drift = evaluate()
+
+
+def request_stop(signum, frame):
+    """SIGTERM/SIGINT: finish the current step, save, exit. A second Ctrl-C stops at once."""
+    global stop_requested
+    if stop_requested and signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    stop_requested = True
+
+
+stop_requested = False
+signal.signal(signal.SIGTERM, request_stop)
+signal.signal(signal.SIGINT, request_stop)
 progress = tqdm(total=max_steps, initial=step, disable=not master, desc=args.method, dynamic_ncols=True)
 while step < max_steps:
     lr = get_lr(step + 1)
     for group in optimizer.param_groups:
         group["lr"] = lr
+    step_sums, step_rows = {}, []
     for micro in range(grad_accum):
         batch = next(data)
         # DDP all-reduces gradients on the last micro-step only; no_sync() covers both forward and backward
@@ -304,13 +326,27 @@ while step < max_steps:
                 losses, metric_sums, n = forward(batch)
             (losses.mean() / grad_accum).backward()
         for k, v in metric_sums.items():
-            sums[k] = sums.get(k, 0.0) + v
+            step_sums[k] = step_sums.get(k, 0.0) + v
+        step_rows += batch["rows"].tolist()
         count += n
         tokens += int(batch["attention_mask"].sum()) + (int(batch["kl"]["attention_mask"].sum()) if "kl" in batch else 0)
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-    if not torch.isfinite(grad_norm):
-        raise SystemExit(f"error: step {step + 1}: the gradient norm is {grad_norm.item()}; rows "
-                         f"{batch['rows'].tolist()} of the last micro-batch. Lower --lr or check the data.")
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)  # the same on every rank
+    if not (torch.isfinite(grad_norm) and all_reduce_sum([0.0 if math.isfinite(step_sums["loss"]) else 1.0])[0] == 0):
+        # never train on garbage: stop (or skip) with the step and the rows that produced it
+        where = [None] * world_size
+        if ddp:
+            dist.all_gather_object(where, [rows[i]["where"] for i in step_rows])
+        places = sum(where, []) if ddp else [rows[i]["where"] for i in step_rows]
+        message = f"step {step + 1}: loss {step_sums['loss']:.4g}, gradient norm {grad_norm.item():.4g}; rows {places}"
+        optimizer.zero_grad(set_to_none=True)
+        count -= len(step_rows)
+        if skipped < args.skip_nonfinite:
+            skipped += 1
+            log(f"warning: skipped {message} ({skipped} of at most {args.skip_nonfinite}, --skip_nonfinite)")
+            continue
+        save_checkpoint()  # the weights are still those of the last good step
+        raise SystemExit(f"error: non-finite {message}. Saved the last good state; lower --lr, check those rows, "
+                         "or pass --skip_nonfinite N.")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     step += 1
@@ -318,6 +354,8 @@ while step < max_steps:
     if moving_reference and should_update(step, tau):
         update_reference(reference, policy, alpha)
         ref_updates += 1
+    for k, v in step_sums.items():
+        sums[k] = sums.get(k, 0.0) + v
     grad_norms.append(grad_norm.item())
     progress.update(1)
 
@@ -326,15 +364,19 @@ while step < max_steps:
     if step % args.log_interval == 0 or step == max_steps:
         record = {"step": step, **all_reduce_mean(sums, count), "grad_norm": sum(grad_norms) / len(grad_norms),
                   "lr": lr, "tokens_per_s": all_reduce_sum([tokens])[0] / (time.time() - t0),
-                  "ref_updates": ref_updates, "epoch": epoch, **drift}
+                  "ref_updates": ref_updates, "skipped_steps": skipped, "epoch": epoch, **drift}
         progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record.get('rewards/accuracies', 0):.2f}")
         log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         if master:
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
         sums, count, grad_norms, tokens, t0 = {}, 0, [], 0, time.time()
-    if (args.save_interval and step % args.save_interval == 0) or step == max_steps:
+    stop = all_reduce_sum([float(stop_requested)])[0] > 0  # every rank stops at the same step
+    if (args.save_interval and step % args.save_interval == 0) or step == max_steps or stop:
         save_checkpoint()
+    if stop:
+        log(f"stopped by a signal after step {step}; continue with --resume --out_dir {args.out_dir}")
+        break
 
 progress.close()
 if ddp:  # replicas must end identical, bit for bit: DDP averaged the same gradients and each rank moved its reference alike

@@ -31,10 +31,10 @@ def test_hh_without_chat_template_renders_the_original_text(plain_tokenizer):
 
 def test_ultrafeedback_messages_become_prompt_and_last_answers():
     row = normalize({"prompt": "hi", "chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}],
-                     "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Go away."}]}, "x")
+                     "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Go away."}]})
     assert row == {"prompt": "hi", "chosen": "Hello!", "rejected": "Go away."}
     implicit = normalize({"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "A"}],
-                          "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "B"}]}, "x")
+                          "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "B"}]})
     assert implicit["prompt"] == [{"role": "user", "content": "hi"}]
 
 
@@ -66,23 +66,44 @@ def test_pairs_that_fit_are_left_alone():
     assert truncate([1, 2], [3, 4], [5], max_length=4, max_prompt_length=1) == ([1, 2], [3, 4], [5])
 
 
-def test_empty_and_identical_pairs_are_dropped_and_counted(chat_tokenizer):
-    messages = []
-    rows = [{"prompt": "a", "chosen": "yes", "rejected": "no"}, {"prompt": "b", "chosen": "", "rejected": "no"},
-            {"prompt": "c", "chosen": "same", "rejected": "same"}]
-    examples = tokenize(rows, chat_tokenizer, 64, 32, log=messages.append)
-    assert [e["row"] for e in examples] == [0]
-    assert "dropped: chosen == rejected 1" in messages[0] and "dropped: empty completion 1" in messages[0]
+BAD_LINES = [
+    (b'{"prompt": "a", "chosen": "b", "rejected": "c"}', None),
+    (b'{not json', "not valid JSON"),
+    (b'{"prompt": "a", "chosen": "b"}', "missing field(s) rejected"),
+    (b'{"prompt": "a", "chosen": 3, "rejected": "c"}', "chosen must be text"),
+    (b'{"prompt": "a", "chosen": "same", "rejected": "same"}', "chosen and rejected are identical"),
+    (b'{"prompt": "a", "chosen": "  ", "rejected": "c"}', "chosen is empty"),
+    (b'{"prompt": "caf\xe9", "chosen": "b", "rejected": "c"}', "not valid UTF-8"),
+    (b'{"prompt": [{"role": "robot", "content": "hi"}], "chosen": "b", "rejected": "c"}', "unknown message role"),
+    (b'[1, 2]', "expected a JSON object"),
+]
 
 
-def test_bad_jsonl_line_names_file_and_line(tmp_path):
+def test_every_bad_row_of_a_file_is_reported_with_its_line_in_one_error(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n{not json\n")
-    with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON"):
+    path.write_bytes(b"\n".join(line for line, _ in BAD_LINES) + b"\n")
+    with pytest.raises(DataError) as error:
         load_rows(str(path))
-    path.write_text(json.dumps({"prompt": "a", "chosen": "b"}) + "\n")
-    with pytest.raises(DataError, match=r"bad.jsonl:1: missing field\(s\) rejected"):
-        load_rows(str(path))
+    message = str(error.value)
+    assert f"{len(BAD_LINES) - 1} bad row(s) of {len(BAD_LINES)}" in message and "--skip_bad_rows" in message
+    for number, (_, problem) in enumerate(BAD_LINES, 1):
+        if problem:
+            assert f"bad.jsonl:{number}: {problem}" in message
+
+
+def test_skip_bad_rows_keeps_the_good_rows_and_counts_the_rest(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"\n".join(line for line, _ in BAD_LINES) + b"\n")
+    messages = []
+    rows = load_rows(str(path), skip_bad_rows=True, log=messages.append)
+    assert [r["where"] for r in rows] == [f"{path}:1"]
+    assert f"skipped {len(BAD_LINES) - 1} bad row(s) of {len(BAD_LINES)}" in messages[0]
+
+
+def test_empty_file_is_an_error(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="no usable rows"):
+        load_rows(str(tmp_path / "empty.jsonl"))
 
 
 def test_loss_mask_marks_exactly_the_completion_tokens(chat_tokenizer):

@@ -1,0 +1,109 @@
+"""Nothing lost, nothing silent: signals, non-finite steps, dead ranks, odd tokenizers, bad data through train.py."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import PAIRS, ROOT, TINY
+from test_train import TINY_RUN, train
+
+
+def records(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+def test_sigterm_saves_at_a_step_boundary_and_resume_is_bit_exact(tmp_path):
+    tr = ["--method", "tr_dpo", "--alpha", "0.5", "--tau", "1", "--max_steps", "12"]
+    straight, _ = train(tmp_path / "straight", *tr)
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *TINY_RUN, *tr, "--out_dir", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    metrics = out / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):  # a real process, mid-training
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0 and "stopped by a signal after step" in log and "Traceback" not in log, log
+    stopped = records(out)[-1]["step"]
+    assert stopped < 12 and (out / f"step_{stopped:06d}" / "state.pt").exists()
+    resumed, log = train(out, *tr, "--resume")
+    assert f"resuming from {out / f'step_{stopped:06d}'}" in log
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]  # same losses as the uninterrupted run
+
+
+def test_nonfinite_loss_stops_with_step_rows_and_last_good_checkpoint(tmp_path):
+    # lr 1e30: step 1 is finite but throws the weights to ~1e30, so step 2's forward overflows
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY_RUN, "--lr", "1e30",
+                             "--max_steps", "5", "--out_dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "error: non-finite step 2" in result.stderr and "pairs.jsonl:" in result.stderr
+    assert (tmp_path / "step_000001" / "state.pt").exists() and not (tmp_path / "step_000002").exists()
+
+
+def test_skip_nonfinite_counts_skipped_steps_and_gives_up_past_the_limit(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY_RUN, "--lr", "1e30",
+                             "--max_steps", "5", "--skip_nonfinite", "3", "--out_dir", str(tmp_path)],
+                            capture_output=True, text=True, cwd=ROOT)
+    log = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert log.count("warning: skipped step 2") == 3 and "(3 of at most 3" in log and "error: non-finite step 2" in log
+
+
+def test_a_rank_that_dies_makes_the_others_exit(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             os.path.join(ROOT, "train.py"), *TINY_RUN, "--max_steps", "100000", "--out_dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    metrics = tmp_path / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.1)
+    ranks = {}  # pid of each worker, from its environment
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if b"train.py" in cmd and str(tmp_path).encode() in cmd and b"LOCAL_RANK=1" in env:
+            ranks[1] = int(pid)
+    os.kill(ranks[1], signal.SIGKILL)
+    start = time.time()
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0 and time.time() - start < 120, log
+
+
+def test_tokenizer_without_pad_token_or_chat_template_and_tied_embeddings_are_said_once(tmp_path):
+    from transformers import AutoTokenizer
+    from model import DEFAULT_MODEL, load_model, resolve
+    folder = tmp_path / "model"
+    load_model(TINY).save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(resolve(DEFAULT_MODEL))
+    tokenizer.chat_template, tokenizer.pad_token = None, None
+    tokenizer.save_pretrained(folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    flags = [f for f in TINY_RUN]
+    flags[flags.index("--model") + 1] = str(folder)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags, "--max_steps", "2",
+                             "--out_dir", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for note in ("has no pad token", "has no chat template", "embeddings are tied"):
+        assert result.stdout.count(note) + result.stderr.count(note) == 1, note
+
+
+def test_bad_data_stops_train_py_with_file_and_line_and_no_traceback(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(open(PAIRS).read() + '{"prompt": "x", "chosen": "y"}\n')
+    flags = [f for f in TINY_RUN]
+    flags[flags.index("--dataset") + 1] = str(path)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags, "--out_dir", str(tmp_path / "o")],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "bad.jsonl:42: missing field(s) rejected" in result.stderr
+    ok = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags, "--skip_bad_rows", "--max_steps", "1",
+                         "--out_dir", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT)
+    assert ok.returncode == 0 and "skipped 1 bad row(s) of 42" in ok.stdout + ok.stderr
