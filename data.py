@@ -169,26 +169,36 @@ def plain_prompt(messages):
     return "".join(f"\n\n{names[m['role']]}: {m['content']}" for m in messages) + "\n\nAssistant:"
 
 
+def render(tokenizer, prompt, completion=None):
+    """Token ids of the prompt as the model sees it, ready for the answer; with `completion`, followed by it."""
+    if tokenizer.chat_template is not None:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        if completion is None:
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+        return tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}],
+                                             tokenize=True)["input_ids"]
+    text = prompt if isinstance(prompt, str) else plain_prompt(prompt)
+    if completion is None:
+        return tokenizer(text)["input_ids"]
+    return tokenizer(text + plain_separator(prompt) + completion)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def plain_separator(prompt):
+    return "" if isinstance(prompt, str) else " "  # HH writes "Assistant: answer"; text prompts carry their own
+
+
 def encode(tokenizer, prompt, completion):
     """(prompt_ids, completion_ids) for one side. Tokenised jointly and sliced once, so that the prompt ids are the
     same ones whatever follows; the completion keeps its end-of-turn / EOS token."""
-    if tokenizer.chat_template is not None:
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
-        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}],
-                                             tokenize=True)["input_ids"]
-    else:
-        if not isinstance(prompt, str):
-            prompt, completion = plain_prompt(prompt), " " + completion
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        full = tokenizer(prompt + completion)["input_ids"] + [tokenizer.eos_token_id]
+    prompt_ids, full = render(tokenizer, prompt), render(tokenizer, prompt, completion)
     if full[: len(prompt_ids)] == prompt_ids:
         return prompt_ids, full[len(prompt_ids):]
     if tokenizer.chat_template is not None:
         raise DataError(f"{tokenizer.name_or_path}: its chat template renders the prompt differently when an answer "
                         "follows, so prompt and completion cannot be split; use a model with a prefix-stable template")
     # a BPE merge across the boundary: tokenise the completion alone (never re-encode decoded text)
-    return prompt_ids, tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    rest = tokenizer(plain_separator(prompt) + completion, add_special_tokens=False)["input_ids"]
+    return prompt_ids, rest + [tokenizer.eos_token_id]
 
 
 def truncate(prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length):

@@ -55,6 +55,7 @@ p.add_argument("--epochs", type=int, default=1)
 p.add_argument("--max_steps", type=int, default=48, help="optimizer steps; 0 = as many as --epochs give")
 p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="autocast; auto = bf16 on CUDA")
 p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing of the policy (not the reference)")
+p.add_argument("--fsdp", action="store_true", help="shard policy and reference with FSDP2 instead of replicating (DDP)")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--out_dir", default="out/demo")
 p.add_argument("--log_interval", type=int, default=4, help="optimizer steps between log lines")
@@ -85,7 +86,9 @@ if args.beta <= 0:
 
 # ----------------------------------------------------------------------------------------------------------------
 # processes and devices: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python is one process
-ddp = "RANK" in os.environ
+distributed = "RANK" in os.environ
+if args.fsdp and not distributed:
+    p.error("--fsdp shards over processes: run it under torchrun (e.g. torchrun --nproc_per_node 8 train.py --fsdp)")
 rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 local_rank = int(os.environ.get("LOCAL_RANK", 0))
 master = rank == 0
@@ -94,7 +97,7 @@ if args.batch_size % (args.micro_batch_size * world_size):
             f"x {world_size} processes")
 grad_accum = args.batch_size // (args.micro_batch_size * world_size)
 device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-if ddp:
+if distributed:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=args.dist_timeout))
@@ -123,7 +126,6 @@ steps_per_epoch = len(train_set) // args.batch_size
 if steps_per_epoch == 0:
     raise DataError(f"{len(train_set)} training pairs cannot fill one batch of --batch_size {args.batch_size}")
 max_steps = args.max_steps or args.epochs * steps_per_epoch
-micro_steps_per_epoch = steps_per_epoch * grad_accum
 pad_id = tokenizer.pad_token_id
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -133,6 +135,18 @@ reference = None if base_method == "sft" else copy.deepcopy(policy).requires_gra
 if args.grad_ckpt:  # recompute activations in backward: memory for compute, policy only (the reference has no backward)
     policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.train()  # HF checkpoints only in train mode; every dropout was set to 0 when loading
+if args.fsdp:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    def shard(model):
+        """FSDP2: every decoder block, then the rest. Each rank keeps 1/N of the fp32 weights; a block's weights are
+        all-gathered in bf16 just for its compute. Policy and reference are sharded alike, so the reference update is
+        shard-local: the same fused lerp on each rank's pieces, no all-gather."""
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if use_bf16 else None, reduce_dtype=torch.float32)
+        for block in [m for m in model.modules() if type(m).__name__ in model._no_split_modules]:
+            fully_shard(block, mp_policy=mp)
+        return fully_shard(model, mp_policy=mp, reshard_after_forward=True)  # root too: the update sees only shards
+    policy, reference = shard(policy), reference and shard(reference)
 
 
 def to_device(batch):
@@ -160,24 +174,43 @@ step, ref_updates, epoch, micro_step = 0, 0, 0, 0  # micro_step: micro-batches c
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# checkpoints: step_N/policy is a plain Hugging Face folder; step_N/state.pt holds everything else
+# checkpoints: step_N/policy is a plain Hugging Face folder; step_N/state.pt holds everything else (with --fsdp,
+# step_N/sharded/ holds policy, reference and optimizer as torch.distributed.checkpoint shards: resumable on any number
+# of GPUs)
+if args.fsdp:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    def sharded_state():
+        return {"policy": get_model_state_dict(policy), "optimizer": get_optimizer_state_dict(policy, optimizer),
+                **({"reference": get_model_state_dict(reference)} if moving_reference else {})}
+
+
 def save_checkpoint():
     final = os.path.join(args.out_dir, f"step_{step:06d}")
     tmp = final + ".tmp"  # written under a temporary name, then renamed: a crash never leaves a half checkpoint
     if master:
         shutil.rmtree(tmp, ignore_errors=True)
-        policy_raw.save_pretrained(os.path.join(tmp, "policy"))
+    if args.fsdp:
+        dist.barrier()
+        dcp.save(sharded_state(), checkpoint_id=os.path.join(tmp, "sharded"))  # every rank writes its own shards
+        full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if master:
+        policy_raw.save_pretrained(os.path.join(tmp, "policy"), state_dict=full if args.fsdp else None)
         tokenizer.save_pretrained(os.path.join(tmp, "policy"))
-        torch.save({"optimizer": optimizer.state_dict(),
-                    "reference": reference.state_dict() if moving_reference else None,  # the moved reference
-                    "step": step, "ref_updates": ref_updates, "epoch": epoch, "micro_step": micro_step,
+        torch.save({"optimizer": None if args.fsdp else optimizer.state_dict(),
+                    "reference": reference.state_dict() if moving_reference and not args.fsdp else None,  # moved
+                    "step": step, "ref_updates": ref_updates, "epoch": epoch,
+                    "pairs_seen": micro_step * args.micro_batch_size * world_size,  # in this epoch, on all ranks
                     "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                             "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None},
                     "args": vars(args)}, os.path.join(tmp, "state.pt"))
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
         log(f"saved {final}")
-    if ddp:
+    if distributed:
         dist.barrier()
 
 
@@ -186,19 +219,32 @@ if args.resume:
     if not done:
         raise SystemExit(f"error: --resume found no complete checkpoint (step_*) in {args.out_dir}")
     log(f"resuming from {done[-1]}")
-    policy.load_state_dict(load_model(os.path.join(done[-1], "policy")).state_dict())
     state = torch.load(os.path.join(done[-1], "state.pt"), weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    if moving_reference:
-        reference.load_state_dict(state["reference"])  # continue with the reference the run had, not the SFT model
-    step, ref_updates, epoch, micro_step = state["step"], state["ref_updates"], state["epoch"], state["micro_step"]
+    if args.fsdp:
+        if not os.path.isdir(os.path.join(done[-1], "sharded")):
+            raise SystemExit(f"error: {done[-1]} was not saved with --fsdp; resume it without --fsdp")
+        shards = sharded_state()
+        dcp.load(shards, checkpoint_id=os.path.join(done[-1], "sharded"))  # re-sharded for this number of ranks
+        set_model_state_dict(policy, shards["policy"])
+        set_optimizer_state_dict(policy, optimizer, shards["optimizer"])
+        if moving_reference:
+            set_model_state_dict(reference, shards["reference"])
+    else:
+        if state["optimizer"] is None:
+            raise SystemExit(f"error: {done[-1]} was saved with --fsdp; resume it with --fsdp")
+        policy.load_state_dict(load_model(os.path.join(done[-1], "policy")).state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+        if moving_reference:
+            reference.load_state_dict(state["reference"])  # continue with the reference the run had, not the SFT model
+    step, ref_updates, epoch = state["step"], state["ref_updates"], state["epoch"]
+    micro_step = state["pairs_seen"] // (args.micro_batch_size * world_size)  # the same data position, any world size
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
     if state["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
 policy_raw = policy
-if ddp:
+if distributed and not args.fsdp:
     policy = DDP(policy, device_ids=[local_rank] if device.type == "cuda" else None)
 
 
@@ -239,7 +285,7 @@ def forward(batch):
 
 def all_reduce_sum(values):
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    if ddp:
+    if distributed:
         dist.all_reduce(t)
     return t.tolist()
 
@@ -319,8 +365,11 @@ while step < max_steps:
     step_sums, step_rows = {}, []
     for micro in range(grad_accum):
         batch = next(data)
-        # DDP all-reduces gradients on the last micro-step only; no_sync() covers both forward and backward
-        sync = contextlib.nullcontext() if not ddp or micro == grad_accum - 1 else policy.no_sync()
+        # gradients are reduced across ranks on the last micro-step only; DDP's no_sync() covers forward and backward
+        last = micro == grad_accum - 1
+        if args.fsdp:
+            policy.set_requires_gradient_sync(last)
+        sync = policy.no_sync() if distributed and not args.fsdp and not last else contextlib.nullcontext()
         with sync:
             with autocast:
                 losses, metric_sums, n = forward(batch)
@@ -331,12 +380,13 @@ while step < max_steps:
         count += n
         tokens += int(batch["attention_mask"].sum()) + (int(batch["kl"]["attention_mask"].sum()) if "kl" in batch else 0)
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)  # the same on every rank
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
     if not (torch.isfinite(grad_norm) and all_reduce_sum([0.0 if math.isfinite(step_sums["loss"]) else 1.0])[0] == 0):
         # never train on garbage: stop (or skip) with the step and the rows that produced it
         where = [None] * world_size
-        if ddp:
+        if distributed:
             dist.all_gather_object(where, [rows[i]["where"] for i in step_rows])
-        places = sum(where, []) if ddp else [rows[i]["where"] for i in step_rows]
+        places = sum(where, []) if distributed else [rows[i]["where"] for i in step_rows]
         message = f"step {step + 1}: loss {step_sums['loss']:.4g}, gradient norm {grad_norm.item():.4g}; rows {places}"
         optimizer.zero_grad(set_to_none=True)
         count -= len(step_rows)
@@ -379,7 +429,8 @@ while step < max_steps:
         break
 
 progress.close()
-if ddp:  # replicas must end identical, bit for bit: DDP averaged the same gradients and each rank moved its reference alike
+# DDP replicas must end identical, bit for bit: the same averaged gradients, and each rank moved its reference alike
+if distributed and not args.fsdp:
     digest = hashlib.sha256()
     for t in list(policy_raw.parameters()) + (list(reference.parameters()) if reference is not None else []):
         digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -388,4 +439,5 @@ if ddp:  # replicas must end identical, bit for bit: DDP averaged the same gradi
     if len(set(digests)) > 1:
         raise SystemExit(f"error: the replicas diverged: parameter sha256 per rank {digests}")
     log(f"policy and reference sha256 {digests[0][:16]} identical on all {world_size} ranks")
+if distributed:
     dist.destroy_process_group()

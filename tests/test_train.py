@@ -16,8 +16,9 @@ TINY_RUN = ["--model", TINY, "--dataset", PAIRS, "--eval_pairs", "8", "--batch_s
 
 
 def train(out_dir, *flags, nproc=1):
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                    f"--nproc_per_node={nproc}"]
+    torchrun = nproc > 1 or "--fsdp" in flags
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if torchrun else [sys.executable]
     result = subprocess.run(launcher + [os.path.join(ROOT, "train.py"), *TINY_RUN, "--out_dir", str(out_dir), *flags],
                             capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -83,3 +84,17 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
 def test_bad_flags_are_refused_before_any_model_loads(flags, message):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags], capture_output=True, text=True)
     assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_fsdp2_run_resumed_on_another_number_of_processes_matches_one_plain_process(tmp_path):
+    tr = ["--method", "tr_dpo", "--alpha", "0.5", "--tau", "1"]  # the sharded reference moves every step
+    plain, _ = train(tmp_path / "plain", *tr, "--max_steps", "4")
+    train(tmp_path / "fsdp", *tr, "--max_steps", "2", "--fsdp", nproc=2)  # 2 ranks, each with half of every tensor
+    resumed, log = train(tmp_path / "fsdp", *tr, "--max_steps", "4", "--fsdp", "--resume", nproc=1)  # re-sharded
+    assert "resuming from" in log
+    for a, b in zip(plain, resumed):
+        for key in ("loss", "rewards/margins", "drift/chosen", "drift/rejected"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    policy_plain, _ = weights(tmp_path / "plain" / "step_000004")
+    policy_fsdp = load_file(os.path.join(tmp_path / "fsdp" / "step_000004" / "policy" / "model.safetensors"))
+    assert all(torch.allclose(policy_plain[k], policy_fsdp[k], atol=1e-6) for k in policy_plain)
