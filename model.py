@@ -13,6 +13,7 @@ import os
 import shutil
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -76,6 +77,19 @@ def load_model(name, dtype=torch.float32, seed=0):
     return model.eval()
 
 
+def logsumexp_fp32(logits):
+    return torch.logsumexp(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
+def token_logps(logits, labels, chunk=64):
+    """log softmax(logits)[label], (N, T), without a full fp32 copy of the (N, T, V) logits: the log-normaliser is
+    computed in fp32 over chunks of positions, each recomputed in backward (checkpoint) instead of stored.
+    fp32 matters: bf16 log-probs, summed over hundreds of tokens, would be off by whole nats."""
+    lse = torch.cat([checkpoint(logsumexp_fp32, c, use_reentrant=False) if c.requires_grad else logsumexp_fp32(c)
+                     for c in logits.split(chunk, dim=1)], dim=1)
+    return torch.gather(logits, 2, labels.unsqueeze(-1)).squeeze(-1).to(lse.dtype) - lse
+
+
 def sequence_logps(model, batch, average=False):
     """(N,) log pi(y|x): the sum over completion tokens of log pi(y_t | x, y_<t); the mean instead if `average`."""
     input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]  # (N, T)
@@ -84,8 +98,5 @@ def sequence_logps(model, batch, average=False):
     logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False,
                    logits_to_keep=input_ids.shape[1] - first + 1).logits[:, :-1]  # (N, T - first, V)
     labels, mask = input_ids[:, first:], loss_mask[:, first:]
-    # log-softmax in fp32: bf16 log-probs, summed over hundreds of tokens, would be off by whole nats
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    token_logps = torch.gather(logits.log_softmax(-1), 2, labels.unsqueeze(-1)).squeeze(-1)  # (N, T - first)
-    logps = (token_logps * mask).sum(-1)
+    logps = (token_logps(logits, labels) * mask).sum(-1)
     return logps / mask.sum(-1) if average else logps

@@ -133,7 +133,7 @@ pad_id = tokenizer.pad_token_id
 policy = load_model(args.model, seed=args.seed).to(device)
 reference = None if base_method == "sft" else copy.deepcopy(policy).requires_grad_(False)
 if args.grad_ckpt:  # recompute activations in backward: memory for compute, policy only (the reference has no backward)
-    policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.activation_checkpointing_enable({"use_reentrant": False})
     policy.train()  # HF checkpoints only in train mode; every dropout was set to 0 when loading
 if args.fsdp:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -20,3 +20,19 @@ def test_sequence_logps_equal_a_float64_sum_over_completion_tokens(chat_tokenize
         total = sum(torch.log_softmax(logits[len(e["prompt"]) + t - 1], -1)[tok].item() for t, tok in enumerate(completion))
         assert abs(got[i].item() - total) < 1e-9
         assert abs(got_mean[i].item() - total / len(completion)) < 1e-9
+
+
+def test_chunked_token_logps_and_their_gradient_equal_a_full_float64_log_softmax():
+    from model import token_logps
+    g = torch.Generator().manual_seed(0)
+    logits = (5 * torch.randn(3, 150, 50, generator=g)).to(torch.bfloat16).requires_grad_(True)  # 3 chunks of 64
+    labels = torch.randint(0, 50, (3, 150), generator=g)
+    weights = torch.randn(3, 150, generator=g, dtype=torch.float64)
+    got = token_logps(logits, labels)
+    (got.double() * weights).sum().backward()
+    reference = logits.detach().double().requires_grad_(True)
+    want = torch.log_softmax(reference, -1).gather(2, labels.unsqueeze(-1)).squeeze(-1)
+    (want * weights).sum().backward()
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), want, atol=1e-5)  # bf16 inputs, fp32 arithmetic: no bf16 rounding of the result
+    assert torch.allclose(logits.grad.double(), reference.grad, atol=2e-2, rtol=1e-2)  # the gradient is stored in bf16
