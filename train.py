@@ -52,14 +52,14 @@ p.add_argument("--max_grad_norm", type=float, default=2.0)
 p.add_argument("--batch_size", type=int, default=8, help="pairs per optimizer step, over all processes")
 p.add_argument("--micro_batch_size", type=int, default=4, help="pairs per process per forward pass")
 p.add_argument("--epochs", type=int, default=1)
-p.add_argument("--max_steps", type=int, default=48, help="optimizer steps; 0 = as many as --epochs give")
+p.add_argument("--max_steps", type=int, default=40, help="optimizer steps; 0 = as many as --epochs give")
 p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="autocast; auto = bf16 on CUDA")
 p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing of the policy (not the reference)")
 p.add_argument("--fsdp", action="store_true", help="shard policy and reference with FSDP2 instead of replicating (DDP)")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--out_dir", default="out/demo")
 p.add_argument("--log_interval", type=int, default=4, help="optimizer steps between log lines")
-p.add_argument("--eval_interval", type=int, default=16, help="optimizer steps between evaluations on held-out pairs")
+p.add_argument("--eval_interval", type=int, default=20, help="optimizer steps between evaluations on held-out pairs")
 p.add_argument("--eval_pairs", type=int, default=64, help="held-out pairs for eval and drift from the SFT model")
 p.add_argument("--save_interval", type=int, default=0, help="optimizer steps between checkpoints; 0 = only at the end")
 p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out_dir")
@@ -400,17 +400,19 @@ while step < max_steps:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     step += 1
-    # the paper's one line: every tau steps, theta_ref <- alpha * theta + (1 - alpha) * theta_ref
-    if moving_reference and should_update(step, tau):
-        update_reference(reference, policy, alpha)
-        ref_updates += 1
     for k, v in step_sums.items():
         sums[k] = sums.get(k, 0.0) + v
     grad_norms.append(grad_norm.item())
     progress.update(1)
-
-    if step % args.eval_interval == 0 or step == max_steps:
+    if step % args.eval_interval == 0 or step == max_steps:  # against the reference this step trained with
+        eval_start = time.time()
         drift = evaluate()
+        t0 += time.time() - eval_start  # tokens/s counts training time only
+
+    # the paper's one line: every tau steps, theta_ref <- alpha * theta + (1 - alpha) * theta_ref
+    if moving_reference and should_update(step, tau):
+        update_reference(reference, policy, alpha)
+        ref_updates += 1
     if step % args.log_interval == 0 or step == max_steps:
         record = {"step": step, **all_reduce_mean(sums, count), "grad_norm": sum(grad_norms) / len(grad_norms),
                   "lr": lr, "tokens_per_s": all_reduce_sum([tokens])[0] / (time.time() - t0),
