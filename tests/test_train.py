@@ -69,8 +69,9 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
     policy_one, ref_one = weights(tmp_path / "one" / "step_000003")
     policy_two, ref_two = weights(tmp_path / "two" / "step_000003")
-    assert all(torch.allclose(policy_one[k], policy_two[k], atol=1e-6) for k in policy_one)
-    assert all(torch.allclose(ref_one[k], ref_two[k], atol=1e-6) for k in ref_one)
+    # all-reduce sums gradients in another order than one process: Adam can turn that rounding into ~1e-6 (lr 1e-3)
+    assert all(torch.allclose(policy_one[k], policy_two[k], atol=1e-5) for k in policy_one)
+    assert all(torch.allclose(ref_one[k], ref_two[k], atol=1e-5) for k in ref_one)
 
 
 @pytest.mark.parametrize("flags, message", [
