@@ -340,7 +340,8 @@ log(f"{args.method}: {len(train_set)} pairs, {max_steps} steps of {args.batch_si
     f"{'bf16 autocast' if use_bf16 else 'fp32'}" + (f", reference update alpha={alpha} every tau={tau} steps"
                                                    if moving_reference else ""))
 if master and not args.resume:
-    json.dump(vars(args), open(os.path.join(args.out_dir, "args.json"), "w"), indent=1)
+    json.dump({**vars(args), **({"alpha": alpha, "tau": tau} if moving_reference else {})},  # the values in force
+              open(os.path.join(args.out_dir, "args.json"), "w"), indent=1)
 data = micro_batches()
 sums, count, grad_norms, tokens, t0, skipped = {}, 0, [], 0, time.time(), 0
 drift = evaluate()
