@@ -40,7 +40,7 @@ class BadRow(ValueError):
 
 
 def hh_dialogue(text):
-    """'\n\nHuman: a\n\nAssistant: b ...' -> [{"role": "user", "content": "a"}, {"role": "assistant", ...}, ...]"""
+    """'\\n\\nHuman: a\\n\\nAssistant: b ...' -> [{"role": "user", "content": "a"}, {"role": "assistant", ...}, ...]"""
     messages = []
     for chunk in text.split("\n\nHuman: ")[1:]:
         turns = chunk.split("\n\nAssistant: ")

@@ -181,7 +181,13 @@ def describe(path):
             "beta": args.get("beta"), "step": int(match.group(1)) if match else 0}
 
 
-def evaluate(path, baseline, sft_model, prompts, prompt_ids, pairs, judge, args, device):
+def pair_logps(model, pair_batches):
+    """(chosen, rejected) log-probs of the held-out pairs, batch by batch."""
+    with torch.no_grad():
+        return [sequence_logps(model, batch).chunk(2) for batch in pair_batches]
+
+
+def evaluate(path, baseline, sft_model, prompts, prompt_ids, pair_batches, sft_pair_logps, judge, args, device):
     model, tokenizer = load_checkpoint(path)
     model.to(device)
     completions = sample(model, tokenizer, prompt_ids, args.temperature, args.max_new_tokens, args.batch_size,
@@ -202,15 +208,10 @@ def evaluate(path, baseline, sft_model, prompts, prompt_ids, pairs, judge, args,
         result["criteria"] = {k: sum(s[k] for i, t in enumerate(texts) for s in extra.get((i, t), []) if k in s)
                               / max(1, sum(k in s for i, t in enumerate(texts) for s in extra.get((i, t), [])))
                               for k in CRITERIA}
-    if pairs:  # implicit-reward accuracy on held-out pairs, with the SFT model as the reference
-        accurate = 0
-        for start in range(0, len(pairs), args.batch_size):
-            batch = {k: v.to(device) for k, v in collate(pairs[start: start + args.batch_size], tokenizer.pad_token_id).items()}
-            with torch.no_grad():
-                pc, pr = sequence_logps(model, batch).chunk(2)
-                sc, sr = sequence_logps(sft_model, batch).chunk(2)
-            accurate += ((pc - sc) > (pr - sr)).sum().item()
-        result["reward_accuracy"] = accurate / len(pairs)
+    if pair_batches:  # implicit-reward accuracy on held-out pairs, with the SFT model as the reference
+        accurate = sum(((pc - sc) > (pr - sr)).sum().item()
+                       for (pc, pr), (sc, sr) in zip(pair_logps(model, pair_batches), sft_pair_logps))
+        result["reward_accuracy"] = accurate / sum(len(b["rows"]) for b in pair_batches)
     result["samples"] = [{"prompt": prompt_text(p), "completion": t, "baseline": b}
                          for p, t, b in zip(prompts[:20], texts[:20], baseline[:20])]
     return result
@@ -257,12 +258,12 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     tasks = None
+    test_rows = load_rows(args.prompts, "test", skip_bad_rows=True)
     if args.prompts == "demo":  # the gold judge's tasks, held out from training
         tasks = [json.loads(line) for line in open(os.path.join(HERE, "data", "demo_prompts_eval.jsonl"))][: args.n_prompts]
         prompts = [t["prompt"] for t in tasks]
     else:
-        rows = load_rows(args.prompts, "test", skip_bad_rows=True)
-        prompts = list({json.dumps(r["prompt"]): r["prompt"] for r in rows}.values())[: args.n_prompts]
+        prompts = list({json.dumps(r["prompt"]): r["prompt"] for r in test_rows}.values())[: args.n_prompts]
     if args.judge == "gold":
         if tasks is None:
             p.error("--judge gold knows only the demo tasks; use --prompts demo, or --judge rm:MODEL / llm:URL")
@@ -277,8 +278,10 @@ def main():
     sft_model, tokenizer = load_checkpoint(args.baseline)
     sft_model.to(device)
     prompt_ids = [render(tokenizer, prompt) for prompt in prompts]
-    pairs = tokenize(load_rows(args.prompts, "test", skip_bad_rows=True)[: args.n_pairs], tokenizer, 512, 256,
-                     log=lambda m: None)
+    pairs = tokenize(test_rows[: args.n_pairs], tokenizer, 512, 256, log=lambda m: None)
+    pair_batches = [{k: v.to(device) for k, v in collate(pairs[i: i + args.batch_size], tokenizer.pad_token_id).items()}
+                    for i in range(0, len(pairs), args.batch_size)]
+    sft_pair_logps = pair_logps(sft_model, pair_batches)  # once, not per checkpoint
     baseline_ids = sample(sft_model, tokenizer, prompt_ids, args.temperature, args.max_new_tokens, args.batch_size,
                           args.seed + 1, device)  # a different seed from the policies: two independent samples
     baseline = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in baseline_ids]
@@ -291,7 +294,7 @@ def main():
                         "mean_length": sum(map(len, baseline_ids)) / len(baseline_ids), "checkpoint": args.baseline})
     print(f"{'checkpoint':<44} {'win rate':>13} {'gold':>6} {'KL seq':>8} {'KL/tok':>7} {'length':>7} {'rew.acc':>7}")
     for path in args.checkpoints:
-        r = evaluate(path, baseline, sft_model, prompts, prompt_ids, pairs, judge, args, device)
+        r = evaluate(path, baseline, sft_model, prompts, prompt_ids, pair_batches, sft_pair_logps, judge, args, device)
         results.append(r)
         name = f"{r['run']}/step_{r['step']}"
         json.dump(r, open(os.path.join(args.out_dir, name.replace("/", "_") + ".json"), "w"), indent=1)

@@ -384,10 +384,11 @@ while step < max_steps:
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
     if not (torch.isfinite(grad_norm) and all_reduce_sum([0.0 if math.isfinite(step_sums["loss"]) else 1.0])[0] == 0):
         # never train on garbage: stop (or skip) with the step and the rows that produced it
-        where = [None] * world_size
-        if distributed:
-            dist.all_gather_object(where, [rows[i]["where"] for i in step_rows])
-        places = sum(where, []) if distributed else [rows[i]["where"] for i in step_rows]
+        places = [rows[i]["where"] for i in step_rows]
+        if distributed:  # every rank's rows, in every rank's message
+            gathered = [None] * world_size
+            dist.all_gather_object(gathered, places)
+            places = sum(gathered, [])
         message = f"step {step + 1}: loss {step_sums['loss']:.4g}, gradient norm {grad_norm.item():.4g}; rows {places}"
         optimizer.zero_grad(set_to_none=True)
         count -= len(step_rows)
