@@ -14,7 +14,6 @@ import json
 import os
 
 import torch
-from torch.utils.data import DistributedSampler
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO = {"train": os.path.join(HERE, "data", "demo_train.jsonl"), "test": os.path.join(HERE, "data", "demo_eval.jsonl")}
@@ -272,12 +271,22 @@ def collate(examples, pad_id, method="dpo", max_length=None):
     return batch
 
 
-def batches(examples, micro_batch_size, rank, world_size, seed, epoch, skip=0):
+def batches(examples, micro_batch_size, rank, world_size, seed, epoch, skip=0, group_size=0):
     """This rank's micro-batches for one epoch. Every rank shuffles with the same seed and takes every world_size-th
-    pair, so one process with the same global batch sees the same pairs per step. `skip` resumes mid-epoch."""
-    sampler = DistributedSampler(examples, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    sampler.set_epoch(epoch)
-    indices = list(sampler)
+    pair (as DistributedSampler does), so one process with the same global batch sees the same pairs per step.
+    `skip` resumes mid-epoch. group_size > 0 (--group_by_length, with the global batch size): each global batch holds
+    pairs of similar length, so that less of every forward pass is padding."""
+    g = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(len(examples), generator=g).tolist()
+    if group_size:  # sort windows of 64 global batches by length, cut them into batches, shuffle the batches
+        def length(i):  # the padded length of the pair's two rows
+            return len(examples[i]["prompt"]) + max(len(examples[i]["chosen"]), len(examples[i]["rejected"]))
+        window = 64 * group_size
+        order = [i for w in range(0, len(order), window) for i in sorted(order[w: w + window], key=length)]
+        groups = [order[b: b + group_size] for b in range(0, len(order), group_size)]
+        tail = groups.pop() if len(groups[-1]) < group_size else []  # a partial batch stays last
+        order = [i for b in torch.randperm(len(groups), generator=g).tolist() for i in groups[b]] + tail
+    indices = order[rank: len(order) // world_size * world_size: world_size]
     for start in range(skip * micro_batch_size, len(indices) - micro_batch_size + 1, micro_batch_size):
         yield [examples[i] for i in indices[start: start + micro_batch_size]]
 
@@ -296,6 +305,13 @@ def inspect(args):
         q = torch.quantile(lengths, torch.tensor([0.5, 0.9, 0.99])).tolist()
         print(f"{name:>8} tokens: mean {lengths.mean():.0f}  p50 {q[0]:.0f}  p90 {q[1]:.0f}  p99 {q[2]:.0f}  "
               f"max {lengths.max():.0f}")
+    padding = {}
+    for group_size in (0, args.batch_size):  # share of padded positions in the micro-batches of one epoch
+        shapes = [pad([(e["prompt"], e[k]) for k in ("chosen", "rejected") for e in b], 0)["attention_mask"]
+                  for b in batches(examples, args.micro_batch_size, 0, 1, seed=0, epoch=0, group_size=group_size)]
+        padding[group_size] = 1 - sum(int(m.sum()) for m in shapes) / sum(m.numel() for m in shapes)
+    print(f"padding in micro-batches of {args.micro_batch_size} pairs: {padding[0]:.1%} of positions, "
+          f"{padding[args.batch_size]:.1%} with --group_by_length (global batch {args.batch_size})")
     e = examples[0]
     print(f"\nrow {e['row']} as the model sees it (completion between ⟦ ⟧):")
     print(tokenizer.decode(e["prompt"]) + "⟦" + tokenizer.decode(e["chosen"]) + "⟧   <- chosen")
@@ -310,4 +326,6 @@ if __name__ == "__main__":
     parser.add_argument("--model", default=DEFAULT_MODEL, help="whose tokenizer and chat template to use")
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--max_prompt_length", type=int, default=256)
+    parser.add_argument("--micro_batch_size", type=int, default=4)
+    parser.add_argument("--batch_size", type=int, default=8)
     inspect(parser.parse_args())

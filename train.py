@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import time
 from datetime import timedelta
 
@@ -51,6 +52,7 @@ p.add_argument("--weight_decay", type=float, default=0.0)
 p.add_argument("--max_grad_norm", type=float, default=2.0)
 p.add_argument("--batch_size", type=int, default=8, help="pairs per optimizer step, over all processes")
 p.add_argument("--micro_batch_size", type=int, default=4, help="pairs per process per forward pass")
+p.add_argument("--group_by_length", action="store_true", help="batch pairs of similar length (less padding)")
 p.add_argument("--epochs", type=int, default=1)
 p.add_argument("--max_steps", type=int, default=40, help="optimizer steps; 0 = as many as --epochs give")
 p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="autocast; auto = bf16 on CUDA")
@@ -251,11 +253,12 @@ if distributed and not args.fsdp:
 # ----------------------------------------------------------------------------------------------------------------
 # one micro-batch: per-example losses and the metrics TRL users know
 def forward(batch):
-    """Returns (per-example losses, metric sums, number of pairs)."""
+    """Returns (per-example losses, metric sums as 0-dim tensors, number of pairs). The sums stay on the device:
+    reading them (.item()) here would make the CPU wait for the GPU before it can queue the backward pass."""
     if base_method == "sft":  # next-token NLL on the chosen completions
         logps = sequence_logps(policy, batch)
         losses = -logps / batch["loss_mask"].sum(-1)
-        return losses, {"loss": losses.sum().item(), "logps/chosen": logps.sum().item()}, len(losses)
+        return losses, {"loss": losses.detach().sum(), "logps/chosen": logps.detach().sum()}, len(losses)
     average = args.ipo_average and base_method == "ipo"
     policy_logps = sequence_logps(policy, batch, average)  # (2B,) chosen rows first, then rejected
     with torch.no_grad():
@@ -268,7 +271,7 @@ def forward(batch):
         losses, rewards, kl = kto_loss(policy_logps, ref_logps, desirable, policy_kl_logps, ref_kl_logps,
                                        args.beta, args.kto_lambda_d, args.kto_lambda_u)
         chosen_rewards, rejected_rewards = rewards.chunk(2)
-        extra = {"kl": kl.item() * len(chosen_rewards)}
+        extra = {"kl": kl * len(chosen_rewards)}
     else:
         chosen, rejected = policy_logps.chunk(2)
         ref_chosen, ref_rejected = ref_logps.chunk(2)
@@ -276,11 +279,11 @@ def forward(batch):
         extra = {}
     n = len(chosen_rewards)
     logps_c, logps_r = policy_logps.detach().chunk(2)
-    return losses, {"loss": losses.mean().item() * n, "rewards/chosen": chosen_rewards.sum().item(),
-                    "rewards/rejected": rejected_rewards.sum().item(),
-                    "rewards/margins": (chosen_rewards - rejected_rewards).sum().item(),
-                    "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum().item(),
-                    "logps/chosen": logps_c.sum().item(), "logps/rejected": logps_r.sum().item(), **extra}, n
+    return losses, {"loss": losses.detach().mean() * n, "rewards/chosen": chosen_rewards.sum(),
+                    "rewards/rejected": rejected_rewards.sum(),
+                    "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+                    "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+                    "logps/chosen": logps_c.sum(), "logps/rejected": logps_r.sum(), **extra}, n
 
 
 def all_reduce_sum(values):
@@ -327,9 +330,13 @@ def micro_batches():
     """This rank's micro-batches from the data position (epoch, micro_step) on, forever (epoch after epoch)."""
     global epoch, micro_step
     while True:
-        for examples in batches(train_set, args.micro_batch_size, rank, world_size, args.seed, epoch, micro_step):
+        for examples in batches(train_set, args.micro_batch_size, rank, world_size, args.seed, epoch, micro_step,
+                                group_size=args.batch_size if args.group_by_length else 0):
             micro_step += 1
-            yield to_device(collate(examples, pad_id, base_method, args.max_length))
+            batch = collate(examples, pad_id, base_method, args.max_length)
+            rows_, tokens = batch.pop("rows").tolist(), int(batch["attention_mask"].sum())  # read on the CPU: no
+            tokens += int(batch["kl"]["attention_mask"].sum()) if "kl" in batch else 0     # wait for the device
+            yield {**to_device(batch), "rows": rows_, "tokens": tokens}
         epoch, micro_step = epoch + 1, 0
 
 
@@ -376,10 +383,11 @@ while step < max_steps:
                 losses, metric_sums, n = forward(batch)
             (losses.mean() / grad_accum).backward()
         for k, v in metric_sums.items():
-            step_sums[k] = step_sums.get(k, 0.0) + v
-        step_rows += batch["rows"].tolist()
+            step_sums[k] = step_sums.get(k, 0.0) + v.double()
+        step_rows += batch["rows"]
         count += n
-        tokens += int(batch["attention_mask"].sum()) + (int(batch["kl"]["attention_mask"].sum()) if "kl" in batch else 0)
+        tokens += batch["tokens"]
+    step_sums = dict(zip(step_sums, torch.stack(list(step_sums.values())).tolist()))  # one host sync per step
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)  # the same on every rank
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
     if not (torch.isfinite(grad_norm) and all_reduce_sum([0.0 if math.isfinite(step_sums["loss"]) else 1.0])[0] == 0):
@@ -443,5 +451,12 @@ if distributed and not args.fsdp:
     if len(set(digests)) > 1:
         raise SystemExit(f"error: the replicas diverged: parameter sha256 per rank {digests}")
     log(f"policy and reference sha256 {digests[0][:16]} identical on all {world_size} ranks")
+if metrics_file:
+    metrics_file.close()
 if distributed:
     dist.destroy_process_group()
+    # A gloo worker thread can still be releasing the last collective's tensors, which takes the GIL; once Python is
+    # shutting down that aborts the process ("terminate called without an active exception", 1 run in 20 here). All is
+    # saved and closed by now, so leave without the interpreter's shutdown.
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)

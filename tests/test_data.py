@@ -1,10 +1,12 @@
 """Pair-consistent tokenization and truncation, the dataset conversions, batches and their masks."""
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import PAIRS
+from conftest import PAIRS, ROOT, TINY
 from data import DataError, batches, collate, encode, hh_row, load_rows, normalize, plain_prompt, tokenize, truncate
 
 HH_CHOSEN = ("\n\nHuman: What is a good name for a cat?\n\nAssistant: Whiskers is popular.\n\nHuman: Another one?"
@@ -141,3 +143,53 @@ def test_resuming_mid_epoch_continues_the_same_order():
     full = [[e["row"] for e in b] for b in batches(examples, 3, 0, 1, seed=0, epoch=0)]
     rest = [[e["row"] for e in b] for b in batches(examples, 3, 0, 1, seed=0, epoch=0, skip=2)]
     assert rest == full[2:]
+
+
+def pairs_of_lengths(lengths):
+    """Pairs whose padded length (prompt + longer completion) is the given one: prompt 1 token, chosen the rest."""
+    t = lambda n: torch.zeros(n, dtype=torch.int32)
+    return [{"row": i, "prompt": t(1), "chosen": t(n - 1), "rejected": t(1)} for i, n in enumerate(lengths)]
+
+
+def test_group_by_length_makes_each_global_batch_a_run_of_the_sorted_lengths():
+    lengths = torch.randperm(120, generator=torch.Generator().manual_seed(0)).add(2).tolist()  # distinct, 2..121
+    examples = pairs_of_lengths(lengths)
+    got = [[lengths[e["row"]] for e in b] for b in batches(examples, 4, 0, 1, seed=1, epoch=0, group_size=4)]
+    runs = sorted(lengths)  # one window (64 batches > 30): batch k of the sorted order is runs[4k: 4k + 4]
+    assert sorted(sorted(b) for b in got) == [runs[k: k + 4] for k in range(0, 120, 4)]
+    assert got != sorted(got)  # the batches themselves come in shuffled order, not shortest first
+
+
+def test_group_by_length_keeps_every_pair_once_and_the_same_pairs_per_step_on_two_ranks():
+    lengths = [int(x) for x in torch.randint(5, 400, (203,), generator=torch.Generator().manual_seed(1))]
+    examples = pairs_of_lengths(lengths)
+    one = list(batches(examples, 2, 0, 1, seed=2, epoch=3, group_size=6))  # global batch 6: 3 micro-batches of 2
+    rows = [e["row"] for b in one for e in b]
+    assert len(rows) == len(set(rows)) == 202  # each pair once; the odd one out does not fill a micro-batch
+    two = [list(batches(examples, 1, r, 2, seed=2, epoch=3, group_size=6)) for r in (0, 1)]
+    for step in range(33):  # one process: 3 micro-batches of 2; two ranks: 3 micro-batches of 1 each
+        assert sorted(e["row"] for b in one[3 * step: 3 * step + 3] for e in b) == \
+            sorted(e["row"] for r in (0, 1) for b in two[r][3 * step: 3 * step + 3] for e in b)
+    rest = list(batches(examples, 2, 0, 1, seed=2, epoch=3, skip=5, group_size=6))
+    assert [[e["row"] for e in b] for b in rest] == [[e["row"] for e in b] for b in one[5:]]
+
+
+def test_group_by_length_cuts_padding():
+    lengths = [int(x) for x in torch.randint(10, 500, (512,), generator=torch.Generator().manual_seed(2))]
+    examples = pairs_of_lengths(lengths)
+
+    def padding(group_size):  # padded positions / all positions, micro-batches of 4 pairs
+        bs = [[lengths[e["row"]] for e in b] for b in batches(examples, 4, 0, 1, seed=0, epoch=0, group_size=group_size)]
+        return 1 - sum(sum(b) for b in bs) / sum(4 * max(b) for b in bs)
+    assert padding(0) > 0.25 and padding(16) < 0.02
+
+
+def test_inspector_lists_every_bad_row_and_the_padding(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(open(PAIRS).read() + '{"prompt": "x", "chosen": "y"}\nnot json\n')
+    out = subprocess.run([sys.executable, "data.py", str(path), "--model", TINY], capture_output=True, text=True,
+                         cwd=ROOT)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log
+    assert "bad.jsonl:42: missing field(s) rejected" in log and "bad.jsonl:43: not valid JSON" in log
+    assert "tokenized 41 of 41 pairs" in log and "with --group_by_length (global batch 8)" in log

@@ -59,8 +59,9 @@ def test_resume_continues_with_moved_reference(tmp_path):
     assert not torch.equal(reference_b["model.embed_tokens.weight"], sft["model.embed_tokens.weight"])
 
 
-def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    tr = ["--method", "tr_dpo", "--alpha", "0.5", "--tau", "1", "--max_steps", "3"]
+@pytest.mark.parametrize("grouping", [[], ["--group_by_length"]])
+def test_ddp_two_processes_match_one_process_with_the_same_global_batch(grouping, tmp_path):
+    tr = ["--method", "tr_dpo", "--alpha", "0.5", "--tau", "1", "--max_steps", "3", *grouping]
     one, _ = train(tmp_path / "one", *tr)
     two, log = train(tmp_path / "two", *tr, nproc=2)  # 2 ranks x micro-batch 2, no accumulation
     assert "identical on all 2 ranks" in log  # policy and reference bitwise equal across ranks (sha256)
