@@ -80,7 +80,7 @@ def reward_model_judge(name, device):
 
 def llm_judge(url, model, api_key):
     """An OpenAI-compatible chat endpoint (vLLM, a local server, a hosted API) asked JUDGE_PROMPT at temperature 0."""
-    criteria_scores = {}  # (prompt index, answer) -> {criterion: score}, averaged over the two orders later
+    criteria_scores = {}  # (prompt index, answer) -> [{criterion: score}, one per order]; evaluate() clears it
 
     def ask(content):
         body = json.dumps({"model": model, "messages": [{"role": "user", "content": content}], "temperature": 0,
@@ -102,6 +102,12 @@ def llm_judge(url, model, api_key):
             return 0
         return {"a": 1, "b": -1, "tie": 0}[verdict.group(1).lower()]
     return compare, criteria_scores
+
+
+def criteria_means(scores, answers):
+    """{criterion: mean score} over the llm judge's ratings of the given (prompt index, answer) in either order."""
+    ratings = [r for key in answers for r in scores.get(tuple(key), [])]
+    return {k: sum(r[k] for r in ratings if k in r) / max(1, sum(k in r for r in ratings)) for k in CRITERIA}
 
 
 def prompt_text(prompt):
@@ -197,6 +203,8 @@ def evaluate(path, baseline, sft_model, prompts, prompt_ids, pair_batches, sft_p
     sft_logps = completion_logps(sft_model, prompt_ids, completions, args.batch_size, device)
     kl_seq, kl_token = kl_estimate(policy_logps, sft_logps, [len(c) for c in completions])
     compare, extra = judge
+    if args.judge.startswith("llm:"):
+        extra.clear()
     outcomes = [(compare(i, prompts[i], texts[i], baseline[i]), compare(i, prompts[i], baseline[i], texts[i]))
                 for i in range(len(prompts))]
     rate, se = win_rate(outcomes)
@@ -204,10 +212,9 @@ def evaluate(path, baseline, sft_model, prompts, prompt_ids, pair_batches, sft_p
               "kl_seq": kl_seq, "kl_token": kl_token, "mean_length": sum(map(len, completions)) / len(completions)}
     if args.judge == "gold":
         result["gold_score"] = sum(extra(i, t) for i, t in enumerate(texts)) / len(texts)
-    if args.judge.startswith("llm:"):
-        result["criteria"] = {k: sum(s[k] for i, t in enumerate(texts) for s in extra.get((i, t), []) if k in s)
-                              / max(1, sum(k in s for i, t in enumerate(texts) for s in extra.get((i, t), [])))
-                              for k in CRITERIA}
+    if args.judge.startswith("llm:"):  # this checkpoint's comparisons only: the judge's record is cleared above
+        result["criteria"] = criteria_means(extra, enumerate(texts))
+        result["baseline_criteria"] = criteria_means(extra, enumerate(baseline))
     if pair_batches:  # implicit-reward accuracy on held-out pairs, with the SFT model as the reference
         accurate = sum(((pc - sc) > (pr - sr)).sum().item()
                        for (pc, pr), (sc, sr) in zip(pair_logps(model, pair_batches), sft_pair_logps))

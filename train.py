@@ -390,7 +390,9 @@ while step < max_steps:
     step_sums = dict(zip(step_sums, torch.stack(list(step_sums.values())).tolist()))  # one host sync per step
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)  # the same on every rank
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
-    if not (torch.isfinite(grad_norm) and all_reduce_sum([0.0 if math.isfinite(step_sums["loss"]) else 1.0])[0] == 0):
+    # one all-reduce a step: a non-finite loss on any rank? a stop signal on any rank? (every rank then acts alike)
+    nonfinite_loss, stop = (v > 0 for v in all_reduce_sum([not math.isfinite(step_sums["loss"]), stop_requested]))
+    if nonfinite_loss or not torch.isfinite(grad_norm):
         # never train on garbage: stop (or skip) with the step and the rows that produced it
         places = [rows[i]["where"] for i in step_rows]
         if distributed:  # every rank's rows, in every rank's message
@@ -433,7 +435,6 @@ while step < max_steps:
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
         sums, count, grad_norms, tokens, t0 = {}, 0, [], 0, time.time()
-    stop = all_reduce_sum([float(stop_requested)])[0] > 0  # every rank stops at the same step
     if (args.save_interval and step % args.save_interval == 0) or step == max_steps or stop:
         save_checkpoint()
     if stop:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from evaluate import completion_logps, gold_judge, kl_estimate, llm_judge, sample, win_rate
+from evaluate import completion_logps, criteria_means, gold_judge, kl_estimate, llm_judge, sample, win_rate
 
 
 def test_win_rate_counts_ties_and_order_disagreements_as_half():
@@ -104,5 +104,9 @@ def test_llm_judge_talks_to_a_real_local_endpoint_and_parses_verdict_and_criteri
         assert FakeJudge.seen[0] == ("/v1/chat/completions", "Bearer secret", "judge-model")
         assert criteria[(0, "a good answer")] == [{"coherence": 9, "correctness": 9, "detail": 5, "helpfulness": 9,
                                                    "harmlessness": 10}] * 2
+        policy = criteria_means(criteria, [(0, "a good answer"), (1, "good too"), (2, "same")])
+        baseline = criteria_means(criteria, [(0, "meh"), (1, "meh"), (2, "same")])
+        assert policy["coherence"] == pytest.approx((9 + 9 + 9 + 9 + 5 * 4) / 8)  # "same" rated 5 as A and as B, twice
+        assert baseline["coherence"] == pytest.approx((3 * 4 + 5 * 4) / 8) and baseline["harmlessness"] == 10
     finally:
         server.shutdown()
