@@ -54,27 +54,41 @@ def test_skip_nonfinite_counts_skipped_steps_and_gives_up_past_the_limit(tmp_pat
     assert log.count("warning: skipped step 2") == 3 and "(3 of at most 3" in log and "error: non-finite step 2" in log
 
 
-def test_a_rank_that_dies_makes_the_others_exit(tmp_path):
+def torchrun_mid_training(out_dir, *flags):
+    """A real 2-process run, once it has logged a step, and the pid of its rank 1 (found by its environment)."""
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             os.path.join(ROOT, "train.py"), *TINY_RUN, "--max_steps", "100000", "--out_dir", str(tmp_path)],
+                             os.path.join(ROOT, "train.py"), *TINY_RUN, *flags, "--out_dir", str(out_dir)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    metrics = tmp_path / "metrics.jsonl"
+    metrics = out_dir / "metrics.jsonl"
     while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.1)
-    ranks = {}  # pid of each worker, from its environment
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
             cmd = open(f"/proc/{pid}/cmdline", "rb").read()
         except OSError:
             continue
-        if b"train.py" in cmd and str(tmp_path).encode() in cmd and b"LOCAL_RANK=1" in env:
-            ranks[1] = int(pid)
-    os.kill(ranks[1], signal.SIGKILL)
+        if b"train.py" in cmd and str(out_dir).encode() in cmd and b"LOCAL_RANK=1" in env:
+            return proc, int(pid)
+    raise AssertionError("rank 1 not found")
+
+
+def test_a_rank_that_dies_makes_the_others_exit(tmp_path):
+    proc, rank1 = torchrun_mid_training(tmp_path, "--max_steps", "100000")
+    os.kill(rank1, signal.SIGKILL)
     start = time.time()
     log = proc.communicate(timeout=300)[0]
     assert proc.returncode != 0 and time.time() - start < 120, log
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path):
+    proc, rank1 = torchrun_mid_training(tmp_path, "--max_steps", "100000")
+    os.kill(rank1, signal.SIGTERM)  # rank 0 gets no signal: it must learn of it and stop at the same step
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0 and "stopped by a signal after step" in log, log
+    stopped = records(tmp_path)[-1]["step"]
+    assert (tmp_path / f"step_{stopped:06d}" / "state.pt").exists() and "identical on all 2 ranks" in log
 
 
 def test_tokenizer_without_pad_token_or_chat_template_and_tied_embeddings_are_said_once(tmp_path):
