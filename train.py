@@ -342,8 +342,8 @@ def micro_batches():
 
 os.makedirs(args.out_dir, exist_ok=True)
 metrics_file = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if master else None
-log(f"{args.method}: {len(train_set)} pairs, {max_steps} steps of {args.batch_size} pairs "
-    f"({world_size} processes x {args.micro_batch_size} x {grad_accum} accumulation), device {device}, "
+log(f"{args.method}: {len(train_set)} pairs, {max_steps} steps of {args.batch_size} pairs ({world_size} "
+    f"process{'es' if world_size > 1 else ''} x {args.micro_batch_size} x {grad_accum} accumulation), device {device}, "
     f"{'bf16 autocast' if use_bf16 else 'fp32'}" + (f", reference update alpha={alpha} every tau={tau} steps"
                                                    if moving_reference else ""))
 if master and not args.resume:
