@@ -106,3 +106,27 @@ def test_vanilla_reference_stays_the_sft_model():
     policy, reference, _ = train("kto", None, None, sft, chosen, rejected, steps=20, lr=0.05, beta=0.1)
     assert torch.equal(reference.logits, sft.logits)
     assert not torch.equal(policy.logits, sft.logits)
+
+
+def test_neural_policy_rows_are_the_network_written_out_for_each_prefix():
+    from toy import NeuralPolicy
+    policy = NeuralPolicy(width=3, seed=5)
+    E, P, W1, W2 = (x.detach() for x in (policy.E, policy.P, policy.W1, policy.W2))
+    table = policy.table()
+    for prefix, row in ROW.items():  # h = P[t] + sum_{s<t} E[s, y_s], logits = W2 tanh(W1 h), one prefix at a time
+        h = P[len(prefix)] + sum((E[s * 4 + y] for s, y in enumerate(prefix)), torch.zeros(3, dtype=torch.float64))
+        assert torch.allclose(table[row], torch.tanh(h @ W1) @ W2, rtol=0, atol=1e-12), prefix
+    p = sequence_logps(policy, all_sequences()).exp()
+    assert abs(p.sum().item() - 1) < 1e-12
+
+
+def test_neural_sft_model_fits_its_data_and_a_tr_run_moves_the_shared_weights():
+    sft, chosen, rejected = make_data(seed=0, width=2)
+    sft_data = torch.randint(0, 4, (24, 3), generator=torch.Generator().manual_seed(0))  # as make_data draws them
+    assert sequence_logps(sft, sft_data).mean() > math.log(1 / 64) + 0.5  # well above uniform on its training data
+    assert len(set(chosen.tolist()) | set(rejected.tolist())) == 12
+    policy, reference, history = train("tr_dpo", 1.0, 4, sft, chosen, rejected, steps=8, lr=0.01, beta=0.1)
+    assert all(torch.equal(a, b) for a, b in zip(reference.parameters(), policy.parameters()))  # copied at step 8
+    assert not torch.equal(policy.W2, sft.W2) and history[0]["kl"] == 0 and history[-1]["kl"] > 0
+    for h in history:
+        assert abs(h["p_chosen"] + h["p_rejected"] + h["p_ood"] - 1) < 1e-9
