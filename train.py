@@ -334,9 +334,9 @@ def micro_batches():
                                 group_size=args.batch_size if args.group_by_length else 0):
             micro_step += 1
             batch = collate(examples, pad_id, base_method, args.max_length)
-            rows_, tokens = batch.pop("rows").tolist(), int(batch["attention_mask"].sum())  # read on the CPU: no
-            tokens += int(batch["kl"]["attention_mask"].sum()) if "kl" in batch else 0     # wait for the device
-            yield {**to_device(batch), "rows": rows_, "tokens": tokens}
+            row_ids, tokens = batch.pop("rows").tolist(), int(batch["attention_mask"].sum())  # read on the CPU: no
+            tokens += int(batch["kl"]["attention_mask"].sum()) if "kl" in batch else 0       # wait for the device
+            yield {**to_device(batch), "rows": row_ids, "tokens": tokens}
         epoch, micro_step = epoch + 1, 0
 
 
@@ -459,5 +459,6 @@ if distributed:
     # A gloo worker thread can still be releasing the last collective's tensors, which takes the GIL; once Python is
     # shutting down that aborts the process ("terminate called without an active exception", 1 run in 20 here). All is
     # saved and closed by now, so leave without the interpreter's shutdown.
-    sys.stdout.flush(), sys.stderr.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(0)
