@@ -307,7 +307,7 @@ def inspect(args):
               f"max {lengths.max():.0f}")
     padding = {}
     for group_size in (0, args.batch_size):  # share of padded positions in the micro-batches of one epoch
-        shapes = [pad([(e["prompt"], e[k]) for k in ("chosen", "rejected") for e in b], 0)["attention_mask"]
+        shapes = [collate(b, 0)["attention_mask"]
                   for b in batches(examples, args.micro_batch_size, 0, 1, seed=0, epoch=0, group_size=group_size)]
         padding[group_size] = 1 - sum(int(m.sum()) for m in shapes) / sum(m.numel() for m in shapes)
     print(f"padding in micro-batches of {args.micro_batch_size} pairs: {padding[0]:.1%} of positions, "

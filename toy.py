@@ -67,14 +67,16 @@ class NeuralPolicy(nn.Module):
             return nn.Parameter(scale * torch.randn(*shape, generator=g, dtype=torch.float64))
         self.E, self.P = param(L * V, width), param(L, width)  # E[s * V + v]: token v at position s
         self.W1, self.W2 = param(width, 4 * width, scale=width ** -0.5), param(4 * width, V, scale=(4 * width) ** -0.5)
-        # for each of the 21 prefixes, fixed 0/1 rows: its position t, and the (position, token) pairs it holds
+        # for each of the 21 prefixes, fixed 0/1 rows: its position t, and the (position, token) pairs it holds;
+        # every prefix starts some sequence, so prefix_rows of all sequences names every row
+        seqs = all_sequences()
+        rows = prefix_rows(seqs)  # (64, L)
         positions, tokens = torch.zeros(N_PREFIXES, L, dtype=torch.float64), torch.zeros(N_PREFIXES, L * V,
                                                                                           dtype=torch.float64)
         for t in range(L):
-            for i, prefix in enumerate(itertools.product(range(V), repeat=t)):  # base-V order, as prefix_rows
-                positions[(V ** t - 1) // (V - 1) + i, t] = 1
-                for s, y in enumerate(prefix):
-                    tokens[(V ** t - 1) // (V - 1) + i, s * V + y] = 1
+            positions[rows[:, t], t] = 1
+            for s in range(t):
+                tokens[rows[:, t], s * V + seqs[:, s]] = 1
         self.register_buffer("positions", positions)
         self.register_buffer("tokens", tokens)
 
@@ -210,14 +212,15 @@ if __name__ == "__main__":
         configs = [(width, seed) for width in (2, 4, 8) for seed in range(4)]
         outcomes = {}
         for width, seed in configs:
-            for key, history in run_all(seed, width)[3].items():
+            _, _, lr, runs = run_all(seed, width)
+            for key, history in runs.items():
                 pc, end = [h["p_chosen"] for h in history], history[-1]
                 outcomes.setdefault(key, []).append({
                     "ood": end["p_ood"] > 0.5,  # ends with most of its mass on sequences in no pair
                     "dip": min(pc) < pc[0] / 2 and end["p_chosen"] > pc[0],  # p(chosen) halves, then ends above start
                     "p_chosen": end["p_chosen"], "p_ood": end["p_ood"], "kl": end["kl"]})
-        print(f"NeuralPolicy, widths 2/4/8 x seeds 0-3 = {len(configs)} settings, {args.steps} steps, Adam lr "
-              f"{args.lr or 0.01}, beta {args.beta}")
+        print(f"NeuralPolicy, widths 2/4/8 x seeds 0-3 = {len(configs)} settings, {args.steps} steps, Adam lr {lr}, "
+              f"beta {args.beta}")
         print(f"{'method':8} {'alpha':>5} {'tau':>4} {'p(OOD)>0.5 at end':>18} {'dip+recovery':>13} "
               f"{'median p(c)':>11} {'median p(OOD)':>13} {'median KL':>9}")
         for (method, alpha, tau), rows in outcomes.items():

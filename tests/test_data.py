@@ -1,5 +1,4 @@
 """Pair-consistent tokenization and truncation, the dataset conversions, batches and their masks."""
-import json
 import subprocess
 import sys
 

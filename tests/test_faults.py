@@ -6,8 +6,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from conftest import PAIRS, ROOT, TINY
 from test_train import TINY_RUN, train
 
