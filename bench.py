@@ -135,7 +135,7 @@ def bench_ours():
         policy.train()  # HF checkpoints only in train mode; every dropout is 0
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
     batch = {"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids).to(device),
-             "loss_mask": loss_mask.to(device)}
+             "loss_mask": loss_mask.to(device), "first": P}
 
     def step():
         with autocast:

@@ -242,7 +242,9 @@ def tokenize(rows, tokenizer, max_length, max_prompt_length, log=print):
 
 
 def pad(sequences, pad_id):
-    """[(prompt_ids, completion_ids), ...] -> input_ids, attention_mask, loss_mask (1 on completion tokens), (N, T)."""
+    """[(prompt_ids, completion_ids), ...] -> input_ids, attention_mask, loss_mask (1 on completion tokens), (N, T),
+    and "first", the earliest completion position, as a Python int: the model call needs it, and reading it from a
+    device tensor would make the CPU wait for the GPU."""
     T = max(len(p) + len(c) for p, c in sequences)
     input_ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), T), dtype=torch.long)
@@ -251,7 +253,20 @@ def pad(sequences, pad_id):
         input_ids[i, : len(p) + len(c)] = torch.cat([p, c])
         attention_mask[i, : len(p) + len(c)] = 1
         loss_mask[i, len(p): len(p) + len(c)] = True
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
+            "first": min(len(p) for p, _ in sequences)}
+
+
+def to_device(batch, device):
+    """A batch's tensors on `device`. From pinned (page-locked) memory the copy is asynchronous: the CPU goes on
+    queueing work while the batch travels. Plain Python values (row ids, "first") stay on the host."""
+    def move(v):
+        if isinstance(v, dict):
+            return to_device(v, device)
+        if not isinstance(v, torch.Tensor):
+            return v
+        return v.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else v.to(device)
+    return {k: move(v) for k, v in batch.items()}
 
 
 def collate(examples, pad_id, method="dpo", max_length=None):

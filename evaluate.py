@@ -20,7 +20,7 @@ import urllib.request
 
 import torch
 
-from data import collate, load_rows, pad, render, tokenize
+from data import collate, load_rows, pad, render, to_device, tokenize
 from model import load_model, load_tokenizer, sequence_logps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -163,7 +163,7 @@ def completion_logps(model, prompt_ids, completion_ids, batch_size, device):
     for start in range(0, len(prompt_ids), batch_size):
         batch = pad([(torch.tensor(p), torch.tensor(c)) for p, c in
                      zip(prompt_ids[start: start + batch_size], completion_ids[start: start + batch_size])], pad_id=0)
-        out.append(sequence_logps(model, {k: v.to(device) for k, v in batch.items()}).double().cpu())
+        out.append(sequence_logps(model, to_device(batch, torch.device(device))).double().cpu())
     return torch.cat(out)
 
 
@@ -286,7 +286,7 @@ def main():
     sft_model.to(device)
     prompt_ids = [render(tokenizer, prompt) for prompt in prompts]
     pairs = tokenize(test_rows[: args.n_pairs], tokenizer, 512, 256, log=lambda m: None)
-    pair_batches = [{k: v.to(device) for k, v in collate(pairs[i: i + args.batch_size], tokenizer.pad_token_id).items()}
+    pair_batches = [to_device(collate(pairs[i: i + args.batch_size], tokenizer.pad_token_id), device)
                     for i in range(0, len(pairs), args.batch_size)]
     sft_pair_logps = pair_logps(sft_model, pair_batches)  # once, not per checkpoint
     baseline_ids = sample(sft_model, tokenizer, prompt_ids, args.temperature, args.max_new_tokens, args.batch_size,

@@ -63,18 +63,34 @@ def load_tokenizer(name, log=print):
     return tokenizer
 
 
+def load_config(name):
+    """The model's config with every dropout rate set to 0, whatever the family calls it: `attention_dropout`
+    (Llama, Qwen2), `hidden_dropout` (GPT-NeoX), `resid_pdrop`/`embd_pdrop`/`attn_pdrop` (GPT-2, GPT-J, Phi)."""
+    config = AutoConfig.from_pretrained(resolve(name))
+    for key, value in config.to_dict().items():
+        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+            setattr(config, key, 0.0)
+    return config
+
+
+def dropout_off(model):
+    """p = 0 in every nn.Dropout, in case a family hard-codes a rate its config does not name. Policy and reference
+    log-ratios must be deterministic, also in train mode (gradient checkpointing needs it)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
 def load_model(name, dtype=torch.float32, seed=0):
     """A causal LM in `dtype` with every dropout off: policy and reference log-ratios must be deterministic."""
-    config = AutoConfig.from_pretrained(resolve(name))
-    for key, value in config.to_dict().items():  # attention/hidden/embedding dropout, whatever the model calls it
-        if "dropout" in key and isinstance(value, float):
-            setattr(config, key, 0.0)
+    config = load_config(name)
     if name.endswith(".json"):
         torch.manual_seed(seed)  # the same random init on every rank and in every run
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(resolve(name), config=config, dtype=dtype)
-    return model.eval()
+    return dropout_off(model).eval()
 
 
 def logsumexp_fp32(logits):
@@ -92,8 +108,7 @@ def token_logps(logits, labels, chunk=64):
 
 def sequence_logps(model, batch, average=False):
     """(N,) log pi(y|x): the sum over completion tokens of log pi(y_t | x, y_<t); the mean instead if `average`."""
-    input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]  # (N, T)
-    first = int(loss_mask.float().argmax(1).min())  # earliest completion token in the batch
+    input_ids, loss_mask, first = batch["input_ids"], batch["loss_mask"], batch["first"]  # (N, T), (N, T), an int
     # logits only where a completion token is predicted (position t predicts token t + 1): prompt logits are waste
     logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False,
                    logits_to_keep=input_ids.shape[1] - first + 1).logits[:, :-1]  # (N, T - first, V)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import DataError, batches, collate, load_rows, tokenize
+from data import DataError, batches, collate, load_rows, to_device, tokenize
 from losses import dpo_loss, ipo_loss, kto_loss
 from model import DEFAULT_MODEL, load_model, load_tokenizer, sequence_logps
 from ref_update import should_update, update_reference
@@ -151,13 +151,9 @@ if args.fsdp:
     policy, reference = shard(policy), reference and shard(reference)
 
 
-def to_device(batch):
-    return {k: (to_device(v) if isinstance(v, dict) else v.to(device)) for k, v in batch.items()}
-
-
 # the held-out pairs, and their log-probs under the ORIGINAL (SFT) model, computed once before any step, so that the
 # drift from it can be logged without a third model in memory
-eval_batches = [to_device(collate(eval_set[i: i + args.micro_batch_size], pad_id))
+eval_batches = [to_device(collate(eval_set[i: i + args.micro_batch_size], pad_id), device)
                 for i in range(0, len(eval_set), args.micro_batch_size)]
 
 
@@ -336,7 +332,7 @@ def micro_batches():
             batch = collate(examples, pad_id, base_method, args.max_length)
             row_ids, tokens = batch.pop("rows").tolist(), int(batch["attention_mask"].sum())  # read on the CPU: no
             tokens += int(batch["kl"]["attention_mask"].sum()) if "kl" in batch else 0       # wait for the device
-            yield {**to_device(batch), "rows": row_ids, "tokens": tokens}
+            yield {**to_device(batch, device), "rows": row_ids, "tokens": tokens}
         epoch, micro_step = epoch + 1, 0
 
 
