@@ -258,15 +258,13 @@ def pad(sequences, pad_id):
 
 
 def to_device(batch, device):
-    """A batch's tensors on `device`. From pinned (page-locked) memory the copy is asynchronous: the CPU goes on
-    queueing work while the batch travels. Plain Python values (row ids, "first") stay on the host."""
-    def move(v):
-        if isinstance(v, dict):
-            return to_device(v, device)
-        if not isinstance(v, torch.Tensor):
-            return v
-        return v.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else v.to(device)
-    return {k: move(v) for k, v in batch.items()}
+    """A batch's tensors (or one tensor) on `device`. From pinned (page-locked) memory the copy is asynchronous: the
+    CPU goes on queueing work while the batch travels. Plain Python values (row ids, "first") stay on the host."""
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if not isinstance(batch, torch.Tensor):
+        return batch
+    return batch.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else batch.to(device)
 
 
 def collate(examples, pad_id, method="dpo", max_length=None):

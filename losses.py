@@ -8,7 +8,6 @@ In TR-DPO / TR-IPO / TR-KTO the losses are exactly these; only the reference tha
 (see ref_update.py).
 """
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -34,21 +33,17 @@ def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return losses, chosen_rewards, rejected_rewards
 
 
-def kto_loss(policy_logps, ref_logps, desirable, policy_kl_logps, ref_kl_logps, beta, lambda_d=1.0, lambda_u=1.0):
-    """Kahneman-Tversky Optimization (Ethayarajh et al. 2024) on unpaired examples. Returns (losses, rewards, kl).
+def kto_loss(policy_logps, ref_logps, desirable, kl, beta, lambda_d=1.0, lambda_u=1.0):
+    """Kahneman-Tversky Optimization (Ethayarajh et al. 2024) on unpaired examples. Returns (losses, rewards).
 
-    desirable: (B,) bool. policy_kl_logps / ref_kl_logps: log-probs of mismatched (prompt, completion) pairs of the
-    batch, whose mean log-ratio estimates KL(pi || ref), the reference point z.
+    desirable: (B,) bool. kl: a 0-dim estimate of KL(pi || ref), the batch mean of log pi(y'|x) - log ref(y'|x) over
+    mismatched (prompt, completion) pairs; train.py computes it and averages it over all ranks before calling.
     """
     rewards = policy_logps - ref_logps  # r = log pi(y|x) - log ref(y|x)
-    kl = (policy_kl_logps - ref_kl_logps).mean().detach()
-    if dist.is_initialized():  # one z for the whole global batch, the same on every rank
-        dist.all_reduce(kl)
-        kl = kl / dist.get_world_size()
-    # z = max(0, E[log pi(y'|x) - log ref(y'|x)]): detached, a baseline rather than something to optimise
-    z = kl.clamp(min=0)
+    # z = max(0, KL estimate): detached, a baseline rather than something to optimise
+    z = kl.detach().clamp(min=0)
     # KTO (Ethayarajh et al. 2024): desirable lambda_D*(1 - sigmoid(beta*(r - z))), undesirable lambda_U*(1 - sigmoid(beta*(z - r)))
     losses = torch.where(desirable,
                          lambda_d * (1 - torch.sigmoid(beta * (rewards - z))),
                          lambda_u * (1 - torch.sigmoid(beta * (z - rewards))))
-    return losses, beta * rewards.detach(), kl
+    return losses, beta * rewards.detach()

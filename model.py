@@ -109,8 +109,11 @@ def token_logps(logits, labels, chunk=64):
 def sequence_logps(model, batch, average=False):
     """(N,) log pi(y|x): the sum over completion tokens of log pi(y_t | x, y_<t); the mean instead if `average`."""
     input_ids, loss_mask, first = batch["input_ids"], batch["loss_mask"], batch["first"]  # (N, T), (N, T), an int
-    # logits only where a completion token is predicted (position t predicts token t + 1): prompt logits are waste
-    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False,
+    # No attention mask: rows are right-padded, and under the causal mask no real token attends to the padding after
+    # it, so its logits are exactly those of the row alone. (Given a mask, transformers reads it on the host to decide
+    # whether it may skip it: a GPU sync in every forward.) Logits only where a completion token is predicted
+    # (position t predicts token t + 1): prompt logits are waste.
+    logits = model(input_ids=input_ids, use_cache=False,
                    logits_to_keep=input_ids.shape[1] - first + 1).logits[:, :-1]  # (N, T - first, V)
     labels, mask = input_ids[:, first:], loss_mask[:, first:]
     logps = (token_logps(logits, labels) * mask).sum(-1)

@@ -4,8 +4,9 @@ One rule, two readings. Every `tau` optimizer steps the reference is mixed towar
 
     theta_ref <- alpha * theta + (1 - alpha) * theta_ref
 
-  - soft update (TR-X^alpha):  --alpha 0.6 --tau 1     an exponential moving average, lag (1 - alpha) / alpha steps
-  - hard update (TR-X^tau):    --tau 512 (alpha = 1)   theta_ref <- theta every 512 steps, lag ~tau / 2 steps
+  - soft update (TR-X^alpha):  --alpha 0.6             every step (tau = 1): an exponential moving average whose
+                                                       lag behind the policy is (1 - alpha) / alpha steps
+  - hard update (TR-X^tau):    --tau 512               alpha = 1: theta_ref <- theta every 512 steps, lag ~tau / 2
   - TRL's reading of Table 1:  --alpha 0.6 --tau 512   a partial copy every 512 steps
   - vanilla DPO/IPO/KTO is alpha = 0 (or tau = infinity): the reference never moves.
 
@@ -13,11 +14,17 @@ Naming trap: in RL code (cleanrl, DDPG) `tau` is the mixing weight; in this pape
 the weight. alpha is the weight of the *policy*.
 """
 import torch
+from torch.distributed.tensor import DTensor
 
 
 def should_update(step, tau):
     """True after optimizer step `step` (counted from 1) when the reference is due; micro-steps do not count."""
     return step % tau == 0
+
+
+def local(t):
+    """This rank's piece of a parameter: an FSDP2 parameter is a DTensor, whose shard is a plain tensor."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 @torch.no_grad()
@@ -30,8 +37,8 @@ def update_reference(reference, policy, alpha):
     small step away and the reference stalls; tests/test_ref_update.py shows both.
     """
     policy = getattr(policy, "module", policy)  # unwrap DDP
-    ref_params = list(reference.parameters())
-    policy_params = [p.to(r.dtype) for r, p in zip(ref_params, policy.parameters())]  # upcast a bf16 policy
+    ref_params = [local(r) for r in reference.parameters()]
+    policy_params = [local(p).to(r.dtype) for r, p in zip(ref_params, policy.parameters())]  # upcast a bf16 policy
     if alpha == 1:  # hard update: an exact copy, bit for bit
         torch._foreach_copy_(ref_params, policy_params)
     else:

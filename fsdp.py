@@ -1,0 +1,65 @@
+"""FSDP2 (`train.py --fsdp`): the policy and the reference sharded over the processes, built without a whole model on
+any device.
+
+DDP gives every GPU a whole copy of everything: the fp32 policy, its gradients, AdamW's two moments and the fp32
+reference, 20 bytes per parameter. FSDP2 gives each of N ranks 1/N of every tensor instead; a decoder block's weights
+are all-gathered (in bf16 under --dtype bf16) just for its forward and backward, and its gradients reduce-scattered
+back to shards. Policy and reference are sharded alike, so the reference update is the same fused lerp on each
+rank's own pieces: no gathered model, no communication (TRL's ZeRO-3 sync gathers both models whole on every rank).
+
+Building: both models are created on the meta device (no memory), sharded, and only then given memory, each rank
+for its own shards. Rank 0 reads the weights into CPU memory and broadcasts them one tensor at a time; every rank
+keeps its slice of each (and buffers, such as rotary frequencies, whole). The reference then copies
+the policy's shards locally.
+"""
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from transformers import AutoModelForCausalLM
+
+from model import dropout_off, load_config, load_model
+from ref_update import update_reference
+
+
+def shard(model, use_bf16):
+    """fully_shard every decoder block, then the root (embeddings, final norm, head): each rank keeps 1/N of them."""
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if use_bf16 else None, reduce_dtype=torch.float32)
+    for block in [m for m in model.modules() if type(m).__name__ in model._no_split_modules]:
+        fully_shard(block, mp_policy=mp)
+    # the root reshards after forward too: evaluation and the reference update must see shards, never whole tensors
+    return fully_shard(model, mp_policy=mp, reshard_after_forward=True)
+
+
+def empty_sharded(name, device, use_bf16, grad_ckpt=False):
+    """The model `name`, sharded, with uninitialised shards and buffers on `device`: no rank ever holds it whole."""
+    with torch.device("meta"):  # parameters and buffers without memory (tied embeddings stay one tensor)
+        model = AutoModelForCausalLM.from_config(load_config(name), dtype=torch.float32)
+    dropout_off(model).eval()
+    if grad_ckpt:  # recompute activations in backward: memory for compute
+        model.activation_checkpointing_enable({"use_reentrant": False})
+        model.train()  # HF checkpoints only in train mode; every dropout is 0
+    shard(model, use_bf16)
+    return model.to_empty(device=device)  # memory for this rank's shards only, and for the (small) buffers
+
+
+def build(name, device, use_bf16, grad_ckpt, seed, with_reference, master):
+    """(policy, reference) sharded over the processes, both equal to the model `name` (the SFT model)."""
+    policy = empty_sharded(name, device, use_bf16, grad_ckpt)
+    full = load_model(name, seed=seed) if master else None  # rank 0 only, in CPU memory
+    set_model_state_dict(policy, full.state_dict() if master else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():  # buffers too (e.g. rotary inv_freq: computed at init, in no state dict), from rank 0
+        for n, b in policy.named_buffers():
+            if master:
+                b.copy_(full.get_buffer(n))
+            dist.broadcast(b, src=0)
+    del full
+    reference = None
+    if with_reference:
+        reference = empty_sharded(name, device, use_bf16).requires_grad_(False)  # no checkpointing: no backward
+        with torch.no_grad():
+            for (_, r), (_, b) in zip(reference.named_buffers(), policy.named_buffers()):
+                r.copy_(b)
+        update_reference(reference, policy, 1.0)  # shard by shard, on every rank: the reference starts as the policy
+    return policy, reference
