@@ -31,10 +31,12 @@ def shard(model, use_bf16):
     return fully_shard(model, mp_policy=mp, reshard_after_forward=True)
 
 
-def empty_sharded(name, device, use_bf16, grad_ckpt=False):
+def empty_sharded(name, device, use_bf16, grad_ckpt=False, dtype=torch.float32):
     """The model `name`, sharded, with uninitialised shards and buffers on `device`: no rank ever holds it whole."""
     with torch.device("meta"):  # parameters and buffers without memory (tied embeddings stay one tensor)
         model = AutoModelForCausalLM.from_config(load_config(name), dtype=torch.float32)
+    for p in model.parameters():  # the weights in `dtype`; buffers (rotary frequencies) stay as the model made them
+        p.data = p.data.to(dtype)
     dropout_off(model).eval()
     if grad_ckpt:  # recompute activations in backward: memory for compute
         model.activation_checkpointing_enable({"use_reentrant": False})
@@ -43,8 +45,12 @@ def empty_sharded(name, device, use_bf16, grad_ckpt=False):
     return model.to_empty(device=device)  # memory for this rank's shards only, and for the (small) buffers
 
 
-def build(name, device, use_bf16, grad_ckpt, seed, with_reference, master):
-    """(policy, reference) sharded over the processes, both equal to the model `name` (the SFT model)."""
+def build(name, device, use_bf16, grad_ckpt, seed, with_reference, master, reference_dtype=torch.float32):
+    """(policy, reference) sharded over the processes, both equal to the model `name` (the SFT model).
+
+    reference_dtype bf16 is exact only where the reference is never mixed (hard copies, vanilla) and compute is bf16:
+    FSDP all-gathers the fp32 policy's shards cast to bf16, the very values a bf16 copy holds, so both forwards
+    compute alike (tests/test_distributed.py). A soft update needs fp32 (ref_update.py)."""
     policy = empty_sharded(name, device, use_bf16, grad_ckpt)
     full = load_model(name, seed=seed) if master else None  # rank 0 only, in CPU memory
     set_model_state_dict(policy, full.state_dict() if master else {},
@@ -57,7 +63,7 @@ def build(name, device, use_bf16, grad_ckpt, seed, with_reference, master):
     del full
     reference = None
     if with_reference:
-        reference = empty_sharded(name, device, use_bf16).requires_grad_(False)  # no checkpointing: no backward
+        reference = empty_sharded(name, device, use_bf16, dtype=reference_dtype).requires_grad_(False)  # no backward
         with torch.no_grad():
             for (_, r), (_, b) in zip(reference.named_buffers(), policy.named_buffers()):
                 r.copy_(b)

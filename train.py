@@ -91,10 +91,11 @@ if args.beta <= 0:
     p.error(f"--beta {args.beta} must be positive")
 if args.max_steps is not None and args.max_steps < 1:
     p.error(f"--max_steps {args.max_steps} must be at least 1 (leave it out to train for --epochs)")
-rule = ("" if not moving_reference else f"hard update: reference <- policy every {tau} steps" if alpha == 1 else
+every = "every step" if tau == 1 else f"every {tau} steps"
+rule = ("" if not moving_reference else f"hard update: reference <- policy {every}" if alpha == 1 else
         f"soft update every step: reference <- {alpha:g} policy + {1 - alpha:g} reference (lags the policy by "
         f"{(1 - alpha) / alpha:.3g} steps)" if tau == 1 and alpha > 0 else
-        f"reference <- {alpha:g} policy + {1 - alpha:g} reference every {tau} steps")
+        f"reference <- {alpha:g} policy + {1 - alpha:g} reference {every}")
 out_dir = args.out_dir or os.path.join("out", f"{args.method}-{os.path.basename(args.dataset).removesuffix('.jsonl')}")
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -148,11 +149,16 @@ if moving_reference and (alpha == 0 or max_steps < tau):  # say it now, not afte
         f" this run is vanilla {base_method.upper()}, not {args.method.upper().replace('_', '-')}")
 
 # ----------------------------------------------------------------------------------------------------------------
-# models: the policy trains; the reference starts as an exact copy of it (the SFT model) and stays in fp32
+# models: the policy trains; the reference starts as an exact copy of it (the SFT model), in fp32: a soft update in
+# bf16 stalls (ref_update.py), and under autocast a bf16 copy does not compute like its fp32 master (embeddings and
+# norms run in its own dtype), so policy == reference would not give equal log-probs. Only under FSDP with bf16
+# compute is a bf16 reference exact (fsdp.py), and there it saves 2 bytes/parameter/N where it is never mixed.
+reference_dtype = (torch.bfloat16 if args.fsdp and use_bf16 and (alpha == 1 or not moving_reference)
+                   else torch.float32)
 if args.fsdp:  # sharded from the start: built on the meta device, then each rank gets only its shards (fsdp.py)
     import fsdp
     policy, reference = fsdp.build(args.model, device, use_bf16, args.grad_ckpt, args.seed,
-                                   with_reference=base_method != "sft", master=master)
+                                   with_reference=base_method != "sft", master=master, reference_dtype=reference_dtype)
 else:
     policy = load_model(args.model, seed=args.seed).to(device)
     reference = None if base_method == "sft" else copy.deepcopy(policy).requires_grad_(False)
@@ -321,6 +327,7 @@ metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a") if master else 
 log(f"{args.method}: {len(train_set)} pairs, {max_steps} steps of {args.batch_size} pairs ({world_size} "
     f"process{'es' if world_size > 1 else ''} x {args.micro_batch_size} x {grad_accum} accumulation), device {device}, "
     f"{'bf16 autocast' if use_bf16 else 'fp32'}{', FSDP2' if args.fsdp else ''}" + (f"; {rule}" if rule else "") +
+    (f"; reference in {str(reference_dtype).removeprefix('torch.')}" if reference is not None else "") +
     f"; out_dir {out_dir}")
 if master and not args.resume:
     json.dump(run, open(os.path.join(out_dir, "args.json"), "w"), indent=1)  # alpha and tau as in force

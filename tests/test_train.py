@@ -101,3 +101,126 @@ def test_fsdp2_run_resumed_on_another_number_of_processes_matches_one_plain_proc
     policy_fsdp = load_file(os.path.join(tmp_path / "fsdp" / "step_000004" / "policy" / "model.safetensors"))
     # reduce-scatter sums in another order than one process: Adam can turn that rounding into ~1e-6 (1/1000 of a step)
     assert all(torch.allclose(policy_plain[k], policy_fsdp[k], atol=1e-5) for k in policy_plain)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what a new user meets: the defaults, the rule the flags choose, one run per folder, the schedule, the summary
+
+
+def test_without_max_steps_a_run_is_one_epoch_and_its_summary_says_what_happened_and_what_next(tmp_path):
+    records, log = train(tmp_path, "--method", "tr_dpo", "--tau", "3", "--log_interval", "4")  # 33 pairs / 4 = 8
+    assert records[-1]["step"] == 8 and records[-1]["ref_updates"] == 2
+    assert "step 3: reference updated (1 so far)" in log and "step 6: reference updated (2 so far)" in log
+    assert f"done: 8 steps, 2 reference update(s) (hard update: reference <- policy every 3 steps); checkpoint " \
+           f"{tmp_path / 'step_000008'}" in log
+    assert "held-out pairs (8): reward accuracy" in log
+    assert f"python plot.py {tmp_path}" in log and f"python evaluate.py {tmp_path}/step_*" in log
+
+
+@pytest.mark.parametrize("flags, rule, alpha, tau, updates", [
+    (["--alpha", "0.5"], "soft update every step: reference <- 0.5 policy + 0.5 reference", 0.5, 1, [1, 2, 3, 4]),
+    (["--tau", "2"], "hard update: reference <- policy every 2 steps", 1, 2, [0, 1, 1, 2]),
+    (["--alpha", "0.5", "--tau", "2"], "reference <- 0.5 policy + 0.5 reference every 2 steps", 0.5, 2, [0, 1, 1, 2]),
+    ([], "hard update: reference <- policy every 16 steps", 1, 16, [0, 0, 0, 0]),
+])
+def test_alpha_alone_is_the_soft_update_every_step_and_tau_alone_the_hard_copy(flags, rule, alpha, tau, updates,
+                                                                               tmp_path):
+    records, log = train(tmp_path, "--method", "tr_dpo", "--max_steps", "4", *flags)
+    assert rule in log and [r["ref_updates"] for r in records] == updates
+    run = json.load(open(tmp_path / "args.json"))  # the rule in force, for plot.py and evaluate.py
+    assert (run["alpha"], run["tau"]) == (alpha, tau)
+
+
+VANILLA_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                "logps/rejected", "grad_norm", "lr", "eval/rewards/accuracies", "eval/rewards/margins",
+                "drift/chosen", "drift/rejected")
+
+
+@pytest.mark.parametrize("flags", [["--alpha", "0"], ["--tau", "100"]])
+def test_tr_with_alpha_zero_or_a_run_shorter_than_tau_is_exactly_vanilla_dpo(flags, tmp_path):
+    vanilla, _ = train(tmp_path / "dpo", "--method", "dpo", "--max_steps", "4")
+    tr, log = train(tmp_path / "tr", "--method", "tr_dpo", "--max_steps", "4", *flags)
+    assert "warning: the reference will never move" in log and "this run is vanilla DPO, not TR-DPO" in log
+    for a, b in zip(vanilla, tr):
+        assert [a[k] for k in VANILLA_KEYS] == [b[k] for k in VANILLA_KEYS], a["step"]  # bit for bit
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_copy_every_step_starts_every_step_at_loss_log2_with_zero_margins(dtype, tmp_path):
+    """alpha 1, tau 1: the reference is always the previous step's policy, so each step's pairs start at h = 0."""
+    records, _ = train(tmp_path, "--method", "tr_dpo", "--alpha", "1", "--tau", "1", "--max_steps", "3",
+                       "--dtype", dtype)
+    log2 = -torch.nn.functional.logsigmoid(torch.tensor(0.0)).item()
+    assert all(r["loss"] == log2 and r["rewards/margins"] == 0 and r["rewards/accuracies"] == 0 for r in records)
+    assert records[-1]["drift/chosen"] != 0  # and yet the policy moves away from the SFT model
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_learning_rates_are_exactly_those_of_transformers_schedules(schedule, tmp_path):
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, \
+        get_linear_schedule_with_warmup
+    records, _ = train(tmp_path, "--method", "dpo", "--max_steps", "6", "--warmup_steps", "2", "--lr", "1e-3",
+                       "--schedule", schedule)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    scheduler = {"constant": lambda: get_constant_schedule_with_warmup(optimizer, 2),
+                 "linear": lambda: get_linear_schedule_with_warmup(optimizer, 2, 6),
+                 "cosine": lambda: get_cosine_schedule_with_warmup(optimizer, 2, 6)}[schedule]()
+    expected = []
+    for _ in range(6):  # the lr each optimizer step uses, then the scheduler steps, as a transformers Trainer does
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert [r["lr"] for r in records] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_a_fresh_run_refuses_a_folder_that_holds_a_run_and_overwrite_replaces_it(tmp_path):
+    train(tmp_path, "--method", "dpo", "--max_steps", "2")
+    again = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY_RUN, "--method", "dpo",
+                            "--max_steps", "2", "--out_dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode != 0 and "Traceback" not in again.stderr
+    assert f"error: {tmp_path} already holds a run" in again.stderr and "--resume" in again.stderr
+    records, _ = train(tmp_path, "--method", "dpo", "--max_steps", "1", "--overwrite")
+    assert [r["step"] for r in records] == [1]  # the old metrics and checkpoints are gone
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000001"]
+
+
+def test_resume_refuses_a_checkpoint_of_another_run_and_names_the_difference(tmp_path):
+    train(tmp_path, "--method", "dpo", "--max_steps", "1")
+    other = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY_RUN, "--method", "tr_dpo",
+                            "--tau", "2", "--batch_size", "8", "--max_steps", "2", "--resume", "--out_dir",
+                            str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert other.returncode != 0 and "Traceback" not in other.stderr
+    for difference in ("--method 'dpo' in the checkpoint, 'tr_dpo' now", "--batch_size 4 in the checkpoint, 8 now",
+                       "--tau None in the checkpoint, 2 now"):
+        assert difference in other.stderr
+
+
+def test_the_skipped_step_count_survives_a_resume(tmp_path):
+    # lr 1e30: step 1 is finite but throws the weights to ~1e30, so every later step overflows
+    flags = ["--lr", "1e30", "--max_steps", "3"]
+    first = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY_RUN, *flags, "--skip_nonfinite",
+                            "1", "--out_dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert "(1 of at most 1" in first.stdout + first.stderr and (tmp_path / "step_000001").exists()
+    resumed = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY_RUN, *flags, "--skip_nonfinite",
+                              "2", "--resume", "--out_dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    log = resumed.stdout + resumed.stderr
+    assert "(2 of at most 2" in log and "(1 of at most 2" not in log  # the run had skipped 1 step already
+
+
+def test_eval_pairs_zero_turns_evaluation_off_and_keeps_every_training_pair(tmp_path):
+    records, log = train(tmp_path, "--method", "dpo", "--max_steps", "2", "--eval_pairs", "0")
+    assert "dpo: 41 pairs" in log  # none held out
+    assert not any(k.startswith(("eval/", "drift/")) for k in records[-1])
+
+
+def test_plot_draws_several_runs_with_the_reference_updates_marked(tmp_path):
+    from plot import read_run, reference_updates
+    train(tmp_path / "dpo", "--method", "dpo", "--max_steps", "4")
+    train(tmp_path / "hard", "--method", "tr_dpo", "--tau", "2", "--max_steps", "4")
+    out = subprocess.run([sys.executable, "plot.py", str(tmp_path / "dpo"), str(tmp_path / "hard"), "--out",
+                          str(tmp_path / "curves.png")], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "curves.png").stat().st_size > 10000
+    assert reference_updates(read_run(tmp_path / "hard")[0], 4) == [2, 4]
+    assert reference_updates(read_run(tmp_path / "dpo")[0], 4) == []
+    assert reference_updates({"method": "tr_ipo", "alpha": 0.6, "tau": 1}, 4) == []  # every step: said in the legend

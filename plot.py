@@ -1,0 +1,94 @@
+"""See the trust region: a run's curves from its metrics.jsonl, with every reference update marked.
+
+    python plot.py out/tr_dpo-demo                            # -> out/tr_dpo-demo/curves.png
+    python plot.py out/dpo out/tr_dpo_hard out/tr_dpo_soft --out curves.png      # several runs overlaid
+
+Five panels against the optimizer step: the training loss, the implicit-reward margin and accuracy of the training
+batches (against the reference each step trained with), the held-out reward accuracy (solid: against the moving
+reference; dashed: against the SFT model), and the held-out drift from the SFT model, mean log pi - log pi_SFT
+(solid: chosen; dashed: rejected). Dotted vertical lines mark the reference updates of runs that update every tau > 1
+steps; a soft update every step would mark every step, so the legend says it instead. After a hard copy the
+reference is the policy: the next batches start at margin 0 and loss log 2, hence the saw-tooth.
+"""
+import argparse
+import json
+import os
+
+from ref_update import should_update
+
+PANELS = [("loss", "training loss", [("loss", "-")]),
+          ("margins", "rewards/margins (train)", [("rewards/margins", "-")]),
+          ("accuracy", "rewards/accuracies (train)", [("rewards/accuracies", "-")]),
+          ("held-out", "held-out accuracy: vs reference (solid), vs SFT (dashed)",
+           [("eval/rewards/accuracies", "-"), ("drift/accuracies", "--")]),
+          ("drift", "drift from SFT, nats: chosen (solid), rejected (dashed)",
+           [("drift/chosen", "-"), ("drift/rejected", "--")])]
+
+
+def read_run(folder):
+    """(args, records): the run's arguments and its log records, one per step (a resumed run's repeats: the last)."""
+    args = json.load(open(os.path.join(folder, "args.json")))
+    by_step = {}
+    for line in open(os.path.join(folder, "metrics.jsonl")):
+        record = json.loads(line)
+        by_step[record["step"]] = record
+    return args, [by_step[s] for s in sorted(by_step)]
+
+
+def reference_updates(args, last_step):
+    """The steps after which the reference moved, as train.py decides it (ref_update.should_update); [] for vanilla
+    methods and for a soft update every step (tau 1), where every step would be one."""
+    if not args["method"].startswith("tr_") or args["alpha"] == 0 or args["tau"] == 1:
+        return []
+    return [s for s in range(1, last_step + 1) if should_update(s, args["tau"])]
+
+
+def label(folder, args):
+    name = os.path.basename(os.path.normpath(folder))
+    if not args["method"].startswith("tr_"):
+        return f"{name} ({args['method']})"
+    rule = ("soft, alpha {alpha:g} every step" if args["tau"] == 1 else "hard copy every {tau}" if args["alpha"] == 1
+            else "alpha {alpha:g} every {tau}").format(**args)
+    return f"{name} ({args['method']}, {rule})"
+
+
+def plot(folders, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
+    axes = axes.ravel()
+    for i, folder in enumerate(folders):
+        args, records = read_run(folder)
+        color = f"C{i}"
+        steps = [r["step"] for r in records]
+        for ax, (_, title, series) in zip(axes, PANELS):
+            for key, style in series:
+                if key in records[0]:  # SFT has no rewards; --eval_pairs 0 has no held-out metrics
+                    held_out = key.startswith(("eval/", "drift/"))  # from the latest evaluation: a step function
+                    ax.plot(steps, [r[key] for r in records], style, color=color,
+                            drawstyle="steps-post" if held_out else "default")
+            for s in reference_updates(args, steps[-1]):
+                ax.axvline(s, color=color, linestyle=":", linewidth=0.8)
+            ax.set_title(title, fontsize=9)
+        axes[-1].plot([], [], color=color, label=label(folder, args))
+    axes[-1].plot([], [], "k:", linewidth=0.8, label="reference update")
+    axes[-1].legend(loc="center", fontsize=9, frameon=False)
+    axes[-1].axis("off")
+    for ax in axes[:-1]:
+        ax.set_xlabel("optimizer step", fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return out
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="train.py output folders (each with args.json and metrics.jsonl)")
+    p.add_argument("--out", default=None, help="the PNG to write (default: RUN/curves.png for the first run)")
+    a = p.parse_args()
+    for folder in a.runs:
+        if not os.path.exists(os.path.join(folder, "metrics.jsonl")):
+            p.error(f"{folder} has no metrics.jsonl: is it a train.py --out_dir?")
+    print(f"wrote {plot(a.runs, a.out or os.path.join(a.runs[0], 'curves.png'))}")
