@@ -318,9 +318,10 @@ def report_memory(when):
         every = [memory]
     if master:
         json.dump({"parameters": n_params, "ranks": every}, open(os.path.join(out_dir, "memory.json"), "w"), indent=1)
-        for name, held in memory.items():
+        for name in (["after building the models"] if len(memory) == 2 else []) + [when]:
             log(f"memory {name}, rank 0, bytes per parameter: " + ", ".join(
-                f"{k} {v / n_params:.2f}" for k, v in held.items()) + f" = {sum(held.values()) / n_params:.2f}")
+                f"{k} {v / n_params:.2f}" for k, v in memory[name].items()) +
+                f" = {sum(memory[name].values()) / n_params:.2f}")
 
 
 metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a") if master else None
@@ -363,6 +364,8 @@ while step < max_steps:
             with autocast:
                 losses, metric_sums, n = forward(batch)
             (losses.mean() / grad_accum).backward()
+        if step == start_step and micro == 0 and grad_accum > 1:  # mid-accumulation: are the gradients still sharded?
+            report_memory("after the first backward")
         for k, v in metric_sums.items():
             step_sums[k] = step_sums.get(k, 0) + v.double()
         step_rows += batch["rows"]

@@ -22,8 +22,10 @@ RUNS = {
     "fsdp2_hard": (2, ["--fsdp", "--method", "tr_dpo", "--tau", "1", "--max_steps", "2"]),
     "fsdp2_hard_bf16": (2, ["--fsdp", "--dtype", "bf16", "--method", "tr_dpo", "--tau", "1", "--max_steps", "2"]),
     "fsdp2_soft_bf16": (2, ["--fsdp", "--dtype", "bf16", "--method", "tr_dpo", "--alpha", "0.5", "--max_steps", "1"]),
-    "fsdp2_mix": (2, ["--fsdp", "--method", "tr_dpo", "--alpha", "0.6", "--tau", "2", "--max_steps", "4"]),
-    "one_mix": (1, ["--method", "tr_dpo", "--alpha", "0.6", "--tau", "2", "--max_steps", "4"]),
+    # 8 pairs a step: 2 ranks x 2 micro-batches of 2 (gradient accumulation), against 1 process x 4 micro-batches
+    "fsdp2_mix": (2, ["--fsdp", "--method", "tr_dpo", "--alpha", "0.6", "--tau", "2", "--max_steps", "4",
+                      "--batch_size", "8"]),
+    "one_mix": (1, ["--method", "tr_dpo", "--alpha", "0.6", "--tau", "2", "--max_steps", "4", "--batch_size", "8"]),
     # 5 held-out pairs over 4 ranks: shares of 2, 1, 1, 1, i.e. 1 or 2 forwards of micro-batches of 2 without padding
     "fsdp4_uneven": (4, ["--fsdp", "--method", "tr_dpo", "--tau", "2", "--max_steps", "2", "--eval_pairs", "5",
                          "--batch_size", "8", "--eval_interval", "1", "--dist_timeout", "60"]),
@@ -135,6 +137,14 @@ def test_fsdp_start_up_never_holds_a_whole_model_on_any_rank(name, run):
     for held in per_parameter(memory, "after building the models"):  # policy and reference shards, nothing else
         assert held["policy"] == pytest.approx(4 / n, abs=0.01) and held["reference"] == pytest.approx(4 / n, abs=0.01)
         assert held["other"] < 0.1, held
+
+
+def test_fsdp_gradients_stay_sharded_during_gradient_accumulation(run):
+    """Reduce-scatter every micro-step: after the first of two, each rank holds 1/N of the gradients and no
+    unsharded fp32 gradient of the whole model (4 bytes/parameter) waits for the last micro-step."""
+    _, _, memory, _ = run("fsdp2_mix")
+    for held in per_parameter(memory, "after the first backward"):
+        assert held["gradients"] == pytest.approx(2, abs=0.01) and held["other"] < 0.1, held
 
 
 def test_a_resumed_run_holds_no_second_copy_of_optimizer_or_reference(tmp_path):
