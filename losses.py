@@ -26,7 +26,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
     """Identity Preference Optimization (Azar et al. 2023); their tau is our beta (tau is the TR period here)."""
     h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
-    # IPO (Azar et al. 2023, empirical loss): L = (h - 1/(2*beta))^2, a squared loss that pins the margin instead of pushing it to infinity
+    # IPO (Azar et al. 2023, empirical loss): L = (h - 1/(2*beta))^2: pins the margin instead of pushing it to infinity
     losses = (h - 1 / (2 * beta)) ** 2
     chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
@@ -42,7 +42,8 @@ def kto_loss(policy_logps, ref_logps, desirable, kl, beta, lambda_d=1.0, lambda_
     rewards = policy_logps - ref_logps  # r = log pi(y|x) - log ref(y|x)
     # z = max(0, KL estimate): detached, a baseline rather than something to optimise
     z = kl.detach().clamp(min=0)
-    # KTO (Ethayarajh et al. 2024): desirable lambda_D*(1 - sigmoid(beta*(r - z))), undesirable lambda_U*(1 - sigmoid(beta*(z - r)))
+    # KTO (Ethayarajh et al. 2024): desirable  lambda_D * (1 - sigmoid(beta * (r - z))),
+    #                                undesirable lambda_U * (1 - sigmoid(beta * (z - r)))
     losses = torch.where(desirable,
                          lambda_d * (1 - torch.sigmoid(beta * (rewards - z))),
                          lambda_u * (1 - torch.sigmoid(beta * (z - rewards))))

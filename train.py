@@ -1,6 +1,6 @@
 """Train a policy with DPO, IPO or KTO, with the paper's moving reference (TR-DPO, TR-IPO, TR-KTO), or with SFT.
 
-    python train.py                                    # TR-DPO, one epoch of the built-in demo set, SmolLM2-135M; CPU ok
+    python train.py                                    # TR-DPO, one epoch of the built-in demo set (SmolLM2-135M)
     torchrun --nproc_per_node 8 train.py --method tr_ipo --tau 512 --model EleutherAI/pythia-2.8b --dataset hh
     python train.py --resume --out_dir out/tr_dpo-demo # continue from the latest complete checkpoint
 
@@ -69,7 +69,7 @@ p.add_argument("--log_interval", type=int, default=4, help="optimizer steps betw
 p.add_argument("--eval_interval", type=int, default=20, help="optimizer steps between evaluations on held-out pairs")
 p.add_argument("--eval_pairs", type=int, default=64, help="held-out pairs for eval and drift from SFT; 0 = no eval")
 p.add_argument("--save_interval", type=int, default=0, help="optimizer steps between checkpoints; 0 = only at the end")
-p.add_argument("--skip_bad_rows", action="store_true", help="leave malformed data rows out (counted) instead of stopping")
+p.add_argument("--skip_bad_rows", action="store_true", help="leave malformed rows out (counted) instead of stopping")
 p.add_argument("--skip_nonfinite", type=int, default=0, help="skip up to N steps whose loss or gradient is NaN/inf "
                "(counted); 0 = stop at the first, saving the last good state")
 p.add_argument("--dist_timeout", type=int, default=1800, help="seconds a collective may wait for a rank that hangs")
@@ -420,9 +420,10 @@ while step < max_steps:
             log(f"step {step}: reference updated ({ref_updates} so far): " + ("a copy of the policy" if alpha == 1
                                                                                else f"alpha {alpha:g}"))
     if step % args.log_interval == 0 or step == max_steps:
-        record = {"step": step, **{k: v / count for k, v in sums.items()}, "grad_norm": sum(grad_norms) / len(grad_norms),
-                  "lr": lr, "tokens_per_s": tokens / (time.time() - t0), "ref_updates": ref_updates,
-                  "skipped_steps": skipped, "epoch": epoch, **drift}
+        record = {"step": step, **{k: v / count for k, v in sums.items()},
+                  "grad_norm": sum(grad_norms) / len(grad_norms), "lr": lr,
+                  "tokens_per_s": tokens / (time.time() - t0), "ref_updates": ref_updates, "skipped_steps": skipped,
+                  "epoch": epoch, **drift}
         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record.get('rewards/accuracies', 0):.2f}")
         log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         if master:
