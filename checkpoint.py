@@ -102,7 +102,7 @@ def load(folder, policy, reference, optimizer, fsdp, run, load_policy):
     state.pt is read into CPU memory (map_location): else every rank would put its tensors on the GPU that saved them,
     cuda:0. It is dropped once restored, so that no second copy of the optimizer or reference stays behind."""
     state = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=False)
-    check_same_run(state["run"], run, folder)
+    check_same_run(state.get("run", state.get("args", {})), run, folder)  # ("args": checkpoints before 2026-11-29)
     moving = reference is not None and run["method"].startswith("tr_")
     if fsdp:
         import torch.distributed.checkpoint as dcp
@@ -126,4 +126,4 @@ def load(folder, policy, reference, optimizer, fsdp, run, load_policy):
     random.setstate(state["rng"]["python"])
     if state["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return {k: state[k] for k in ("step", "ref_updates", "epoch", "pairs_seen", "skipped_steps")}
+    return {k: state.get(k, 0) for k in ("step", "ref_updates", "epoch", "pairs_seen", "skipped_steps")}

@@ -163,8 +163,8 @@ def train(method, alpha, tau, sft, chosen, rejected, steps, lr, beta):
             with torch.no_grad():
                 policy_kl, ref_kl = sequence_logps(policy, shifted), sequence_logps(reference, shifted)
             desirable = torch.arange(2 * len(chosen)) < len(chosen)
-            losses, _, _ = kto_loss(torch.cat([policy_c, policy_r]), torch.cat([ref_c, ref_r]), desirable,
-                                    policy_kl, ref_kl, beta)
+            losses, _ = kto_loss(torch.cat([policy_c, policy_r]), torch.cat([ref_c, ref_r]), desirable,
+                                 (policy_kl - ref_kl).mean(), beta)
         else:
             losses, _, _ = {"dpo": dpo_loss, "ipo": ipo_loss}[base](policy_c, policy_r, ref_c, ref_r, beta)
         optimizer.zero_grad(set_to_none=True)
