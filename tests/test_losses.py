@@ -1,4 +1,8 @@
-"""Each loss against an independent float64 computation written out with Python's math module."""
+"""Each loss against an independent float64 computation written out with Python's math module.
+
+Also the grader of LESSON.md's exercises: rewrite a loss in losses.py, then `pytest tests/test_losses.py`; each
+failure names the case, what was expected and what came out.
+"""
 import math
 
 import pytest
@@ -16,55 +20,87 @@ def sigmoid(x):
     return 1 / (1 + math.exp(-x))
 
 
+def returned(result, names, n):
+    """The function returned a tuple of `names[1:]`, each a tensor with one value per example."""
+    function, names = names[0], names[1:]
+    if not (isinstance(result, tuple) and len(result) == len(names)):
+        pytest.fail(f"{function} must return a tuple ({', '.join(names)}); got {type(result).__name__}"
+                    f"{f' of {len(result)}' if isinstance(result, tuple) else ''}", pytrace=False)
+    for name, value in zip(names, result):
+        if not (isinstance(value, torch.Tensor) and value.shape == (n,)):
+            pytest.fail(f"{function}: {name} must be a tensor of shape ({n},), one value per example (no mean over "
+                        f"the batch); got {getattr(value, 'shape', type(value).__name__)}", pytrace=False)
+    return result
+
+
+def expect(got, want, case, rel=1e-10, abs_=1e-12):
+    """One number against its independent computation; a failure says which case, what was expected, what came."""
+    if not math.isclose(got, want, rel_tol=rel, abs_tol=abs_):
+        pytest.fail(f"{case}: expected {want!r}, got {got!r}", pytrace=False)
+
+
+DPO = ("dpo_loss", "losses", "chosen_rewards", "rejected_rewards")
+IPO = ("ipo_loss", "losses", "chosen_rewards", "rejected_rewards")
+KTO = ("kto_loss", "losses", "rewards")
+
+
 @pytest.mark.parametrize("beta", [0.05, 0.1, 0.5])
 def test_dpo_loss_matches_float64_closed_form(beta):
     pc, pr, rc, rr = random_logps()
-    losses, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, beta)
+    losses, chosen_rewards, rejected_rewards = returned(dpo_loss(pc, pr, rc, rr, beta), DPO, 16)
     for i in range(len(pc)):
         h = (pc[i].item() - rc[i].item()) - (pr[i].item() - rr[i].item())
-        assert losses[i].item() == pytest.approx(math.log(1 + math.exp(-beta * h)), rel=1e-12, abs=1e-12)
-        assert chosen_rewards[i].item() == pytest.approx(beta * (pc[i].item() - rc[i].item()), rel=1e-12)
-        assert rejected_rewards[i].item() == pytest.approx(beta * (pr[i].item() - rr[i].item()), rel=1e-12)
+        case = f"dpo_loss with beta {beta}, pair {i} (margin h = {h:.4f})"
+        expect(losses[i].item(), math.log(1 + math.exp(-beta * h)), f"{case}: loss -log sigmoid(beta h)")
+        expect(chosen_rewards[i].item(), beta * (pc[i].item() - rc[i].item()), f"{case}: chosen reward")
+        expect(rejected_rewards[i].item(), beta * (pr[i].item() - rr[i].item()), f"{case}: rejected reward")
 
 
 def test_dpo_loss_is_log2_and_rewards_zero_when_policy_equals_reference():
     pc, pr, _, _ = random_logps()
-    losses, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, pc.clone(), pr.clone(), beta=0.1)
-    assert torch.allclose(losses, torch.full_like(losses, math.log(2)), rtol=0, atol=1e-15)
-    assert torch.all(chosen_rewards == 0) and torch.all(rejected_rewards == 0)
+    losses, chosen_rewards, rejected_rewards = returned(dpo_loss(pc, pr, pc.clone(), pr.clone(), beta=0.1), DPO, 16)
+    for i in range(16):
+        expect(losses[i].item(), math.log(2), f"dpo_loss when policy == reference, pair {i}: loss log 2", abs_=1e-15)
+        expect(chosen_rewards[i].item(), 0.0, f"dpo_loss when policy == reference, pair {i}: chosen reward")
+        expect(rejected_rewards[i].item(), 0.0, f"dpo_loss when policy == reference, pair {i}: rejected reward")
 
 
 def test_dpo_gradient_is_minus_beta_sigmoid_of_minus_beta_h():
     pc, pr, rc, rr = random_logps(4)
     pc.requires_grad_(True)
-    losses, _, _ = dpo_loss(pc, pr, rc, rr, 0.1)
+    losses, _, _ = returned(dpo_loss(pc, pr, rc, rr, 0.1), DPO, 4)
     losses.sum().backward()
+    assert pc.grad is not None, "dpo_loss: no gradient reaches the policy's chosen log-probs"
     for i in range(4):  # dL/d(log pi_c) = -beta * sigmoid(-beta * h)
         h = (pc[i].item() - rc[i].item()) - (pr[i].item() - rr[i].item())
-        assert pc.grad[i].item() == pytest.approx(-0.1 * sigmoid(-0.1 * h), rel=1e-10)
+        expect(pc.grad[i].item(), -0.1 * sigmoid(-0.1 * h),
+               f"dpo_loss, pair {i} (h = {h:.4f}): dL/d(log pi(y_w)) = -beta sigmoid(-beta h)")
 
 
 def test_rewards_are_detached():
     pc, pr, rc, rr = random_logps(4)
     pc.requires_grad_(True)
-    _, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, 0.1)
-    assert not chosen_rewards.requires_grad and not rejected_rewards.requires_grad
+    _, chosen_rewards, rejected_rewards = returned(dpo_loss(pc, pr, rc, rr, 0.1), DPO, 4)
+    assert not chosen_rewards.requires_grad and not rejected_rewards.requires_grad, \
+        "dpo_loss: the rewards are logged, never trained on: .detach() them"
 
 
 @pytest.mark.parametrize("beta", [0.01, 0.1, 1.0])
 def test_ipo_loss_matches_float64_closed_form(beta):
     pc, pr, rc, rr = random_logps(seed=1)
-    losses, _, _ = ipo_loss(pc, pr, rc, rr, beta)
+    losses, chosen_rewards, _ = returned(ipo_loss(pc, pr, rc, rr, beta), IPO, 16)
     for i in range(len(pc)):
         h = (pc[i].item() - rc[i].item()) - (pr[i].item() - rr[i].item())
-        assert losses[i].item() == pytest.approx((h - 1 / (2 * beta)) ** 2, rel=1e-12)
+        expect(losses[i].item(), (h - 1 / (2 * beta)) ** 2,
+               f"ipo_loss with beta {beta}, pair {i} (h = {h:.4f}): loss (h - 1/(2 beta))^2")
+        expect(chosen_rewards[i].item(), beta * (pc[i].item() - rc[i].item()), f"ipo_loss pair {i}: chosen reward")
 
 
 def test_ipo_loss_is_zero_exactly_at_the_target_margin():
     pc, pr, rc, rr = [torch.tensor([x], dtype=torch.float64) for x in (-10.0, -20.0, -12.0, -19.5)]
     h = (-10.0 + 12.0) - (-20.0 + 19.5)  # 2.5 = 1 / (2 * 0.2)
-    losses, _, _ = ipo_loss(pc, pr, rc, rr, beta=1 / (2 * h))
-    assert losses.item() == pytest.approx(0.0, abs=1e-24)
+    losses, _, _ = returned(ipo_loss(pc, pr, rc, rr, beta=1 / (2 * h)), IPO, 1)
+    expect(losses.item(), 0.0, "ipo_loss at margin h = 1/(2 beta) = 2.5", abs_=1e-24)
 
 
 def kto_reference(policy, ref, desirable, policy_kl, ref_kl, beta, lambda_d, lambda_u):
@@ -82,30 +118,35 @@ def test_kto_loss_matches_float64_closed_form(kl_shift):
     p, r, pkl, rkl = random_logps(8, seed=2)
     pkl = rkl + kl_shift + 0.1 * torch.randn(8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     desirable = torch.tensor([True, False] * 4)
-    losses, rewards = kto_loss(p, r, desirable, (pkl - rkl).mean(), beta=0.1, lambda_d=1.0, lambda_u=1.5)
+    losses, rewards = returned(kto_loss(p, r, desirable, (pkl - rkl).mean(), beta=0.1, lambda_d=1.0, lambda_u=1.5),
+                               KTO, 8)
     expected, z = kto_reference(p.tolist(), r.tolist(), desirable.tolist(), pkl.tolist(), rkl.tolist(), 0.1, 1.0, 1.5)
-    assert losses.tolist() == pytest.approx(expected, rel=1e-12)
-    assert (z == 0.0) == (kl_shift < 0)
-    assert rewards.tolist() == pytest.approx([0.1 * (a - b) for a, b in zip(p.tolist(), r.tolist())], rel=1e-12)
+    for i in range(8):
+        kind = "desirable" if desirable[i] else "undesirable"
+        expect(losses[i].item(), expected[i], f"kto_loss, {kind} example {i}, KL estimate {(pkl - rkl).mean():.3f} "
+                                              f"(so z = {z:.3f}): loss")
+        expect(rewards[i].item(), 0.1 * (p[i].item() - r[i].item()), f"kto_loss, example {i}: reward")
 
 
 def test_kto_reference_point_is_detached():
     p, r, pkl, rkl = random_logps(8, seed=4)
     pkl = (rkl + 2.0).requires_grad_(True)
     p.requires_grad_(True)
-    losses, _ = kto_loss(p, r, torch.tensor([True] * 4 + [False] * 4), (pkl - rkl).mean(), beta=0.1)
+    losses, _ = returned(kto_loss(p, r, torch.tensor([True] * 4 + [False] * 4), (pkl - rkl).mean(), beta=0.1), KTO, 8)
     losses.sum().backward()
-    assert pkl.grad is None  # no gradient flows through z
-    assert p.grad is not None and torch.all(p.grad != 0)
+    assert pkl.grad is None, "kto_loss: a gradient flowed through z; the reference point is a baseline: .detach() it"
+    assert p.grad is not None and torch.all(p.grad != 0), "kto_loss: no gradient reaches the policy's log-probs"
 
 
 def test_kto_loss_is_half_lambda_when_policy_equals_reference():
     p, _, kl_logps, _ = random_logps(6, seed=5)
     desirable = torch.tensor([True, True, True, False, False, False])
-    losses, rewards = kto_loss(p, p.clone(), desirable, (kl_logps - kl_logps).mean(), beta=0.1, lambda_d=2.0,
-                               lambda_u=1.0)
-    assert losses.tolist() == pytest.approx([1.0, 1.0, 1.0, 0.5, 0.5, 0.5], abs=1e-15)
-    assert torch.all(rewards == 0)
+    losses, rewards = returned(kto_loss(p, p.clone(), desirable, (kl_logps - kl_logps).mean(), beta=0.1, lambda_d=2.0,
+                                        lambda_u=1.0), KTO, 6)
+    for i, want in enumerate([1.0, 1.0, 1.0, 0.5, 0.5, 0.5]):  # lambda (1 - sigmoid(0)) = lambda / 2
+        expect(losses[i].item(), want, f"kto_loss when policy == reference and z = 0, example {i} "
+                                       f"(lambda {'D = 2' if i < 3 else 'U = 1'}): loss lambda / 2", abs_=1e-15)
+        expect(rewards[i].item(), 0.0, f"kto_loss when policy == reference, example {i}: reward")
 
 
 def test_losses_are_pure_functions_that_never_communicate(tmp_path, monkeypatch):
@@ -114,7 +155,7 @@ def test_losses_are_pure_functions_that_never_communicate(tmp_path, monkeypatch)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
         def refuse(*args, **kwargs):
-            raise AssertionError("a loss function called a collective")
+            raise AssertionError("a loss function called a collective: reduce in train.py, pass the result in")
         for name in ("all_reduce", "all_gather", "broadcast", "reduce", "all_gather_into_tensor", "barrier"):
             monkeypatch.setattr(dist, name, refuse)
         p, r, pkl, rkl = random_logps(4, seed=6)

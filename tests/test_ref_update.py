@@ -1,4 +1,8 @@
-"""The paper's update rule against float64 arithmetic, its schedule, and its precision."""
+"""The paper's update rule against float64 arithmetic, its schedule, and its precision.
+
+Also the grader of LESSON.md's exercises: rewrite update_reference or should_update in ref_update.py, then
+`pytest tests/test_ref_update.py`; each failure names the case, what was expected and what came out.
+"""
 import copy
 
 import pytest
@@ -17,39 +21,57 @@ def two_models(dtype=torch.float32, seed=0):
     return policy, reference
 
 
+def same(got, want, case, exact=False):
+    """Tensors equal (bit for bit if `exact`); a failure shows the first element that differs."""
+    ok = torch.equal(got, want) if exact else torch.allclose(got, want, rtol=1e-6, atol=1e-7)
+    if not ok:
+        i = (got != want).nonzero()[0].tolist() if exact else ((got - want).abs() > 1e-7 + 1e-6 * want.abs()).nonzero()[
+            0].tolist()
+        pytest.fail(f"{case}: element {i}: expected {want[tuple(i)].item()!r}, got {got[tuple(i)].item()!r}",
+                    pytrace=False)
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
 def test_update_matches_float64_mix(alpha):
     policy, reference = two_models()
     expected = [alpha * p.double() + (1 - alpha) * r.double() for p, r in zip(policy.parameters(), reference.parameters())]
     update_reference(reference, policy, alpha)
-    for got, want in zip(reference.parameters(), expected):
-        assert torch.allclose(got.double(), want, rtol=1e-6, atol=1e-7)
+    for (name, got), want in zip(reference.named_parameters(), expected):
+        same(got.double(), want, f"update_reference with alpha {alpha}: reference {name} should be "
+                                 f"alpha * policy + (1 - alpha) * reference")
 
 
 def test_hard_update_copies_bitwise():
     policy, reference = two_models()
     update_reference(reference, policy, 1.0)
-    assert all(torch.equal(r, p) for r, p in zip(reference.parameters(), policy.parameters()))
+    for (name, r), p in zip(reference.named_parameters(), policy.parameters()):
+        same(r, p, f"update_reference with alpha 1 (the hard update): reference {name} must be a bit-exact copy",
+             exact=True)
 
 
 def test_alpha_zero_leaves_reference_bitwise_unchanged():
     policy, reference = two_models()
     before = [r.clone() for r in reference.parameters()]
     update_reference(reference, policy, 0.0)
-    assert all(torch.equal(r, b) for r, b in zip(reference.parameters(), before))
+    for (name, r), b in zip(reference.named_parameters(), before):
+        same(r, b, f"update_reference with alpha 0: reference {name} must not move at all", exact=True)
 
 
 def test_update_does_not_touch_the_policy():
     policy, reference = two_models()
     before = [p.clone() for p in policy.parameters()]
     update_reference(reference, policy, 0.6)
-    assert all(torch.equal(p, b) for p, b in zip(policy.parameters(), before))
+    for (name, p), b in zip(policy.named_parameters(), before):
+        same(p, b, f"update_reference must only change the reference; the policy's {name} changed", exact=True)
 
 
 def test_should_update_every_tau_optimizer_steps_counted_from_one():
-    assert [s for s in range(1, 21) if should_update(s, 8)] == [8, 16]
-    assert [s for s in range(1, 6) if should_update(s, 1)] == [1, 2, 3, 4, 5]
-    assert not should_update(511, 512) and should_update(512, 512) and should_update(1024, 512)
+    for tau, steps, want in [(8, range(1, 21), [8, 16]), (1, range(1, 6), [1, 2, 3, 4, 5]),
+                             (512, [511, 512, 1024], [512, 1024])]:
+        got = [s for s in steps if should_update(s, tau)]
+        if got != want:
+            pytest.fail(f"should_update with tau {tau}, optimizer steps {list(steps)} (counted from 1): the "
+                        f"reference is due after steps {want}, got {got}", pytrace=False)
 
 
 def soft_updates_100_times(reference_dtype):
