@@ -457,7 +457,8 @@ def tokenized_table(rows, tokenizer, max_length, max_prompt_length, cache_dir, p
     features = datasets.Features({"prompt_ids": ids, "chosen_ids": ids, "rejected_ids": ids, "status": datasets.Value(
         "string"), **{k: datasets.Value("bool") for k in ("turns_dropped", "text_cut", "completion_cut")}})
     table = datasets.Dataset.from_dict({"prompt": [json.dumps(r["prompt"]) for r in rows],  # text or messages
-                                        "chosen": [r["chosen"] for r in rows], "rejected": [r["rejected"] for r in rows]})
+                                        "chosen": [r["chosen"] for r in rows],
+                                        "rejected": [r["rejected"] for r in rows]})
     table = table.map(encode_pair, fn_kwargs={"tokenizer": tokenizer, "ending": turn_end(tokenizer),
                                               "max_length": max_length, "max_prompt_length": max_prompt_length},
                       num_proc=processes if processes > 1 else None, remove_columns=["prompt", "chosen", "rejected"],

@@ -286,7 +286,8 @@ def main():
     p.add_argument("--judge_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     p.add_argument("--n_prompts", type=int, default=200)
     p.add_argument("--n_pairs", type=int, default=128, help="held-out pairs for the implicit-reward accuracy")
-    p.add_argument("--temperature", type=float, default=1.0, help="1: samples from pi itself (the KL needs it); 0: greedy")
+    p.add_argument("--temperature", type=float, default=1.0, help="1: samples from pi itself (the KL needs it); "
+                   "0: greedy")
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)

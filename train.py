@@ -67,8 +67,8 @@ p.add_argument("--eval_interval", type=int, default=20, help="optimizer steps be
 p.add_argument("--eval_pairs", type=int, default=64, help="held-out pairs for eval and drift from the SFT model")
 p.add_argument("--save_interval", type=int, default=0, help="optimizer steps between checkpoints; 0 = only at the end")
 p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out_dir")
-p.add_argument("--skip_bad_rows", action="store_true", help="leave malformed rows of a JSONL file out (counted) instead "
-               "of stopping; the hub sets always do")
+p.add_argument("--skip_bad_rows", action="store_true", help="leave malformed rows of a JSONL file out (counted) "
+               "instead of stopping; the hub sets always do")
 p.add_argument("--skip_nonfinite", type=int, default=0, help="skip up to N steps whose loss or gradient is NaN/inf "
                "(counted); 0 = stop at the first, saving the last good state")
 p.add_argument("--dist_timeout", type=int, default=1800, help="seconds a collective may wait for a rank that hangs")

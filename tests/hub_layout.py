@@ -3,7 +3,8 @@ written by hand, dirty ones included (as the real sets have them):
 
   Anthropic/hh-rlhf                       {harmless-base,helpful-base}/{train,test}.jsonl.gz: chosen, rejected (whole
                                           dialogues); red-team-attempts/ holds another schema that no split includes
-  trl-lib/tldr-preference                 data/{train,validation}-00000-of-00001.parquet: prompt, chosen, rejected (text)
+  trl-lib/tldr-preference                 data/{train,validation}-00000-of-00001.parquet: prompt, chosen,
+                                          rejected (text)
   HuggingFaceH4/ultrafeedback_binarized   data/{train,test}_{prefs,sft,gen}-00000-of-00001.parquet: prompt, prompt_id,
                                           chosen, rejected, messages (lists of {content, role}), score_chosen,
                                           score_rejected
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 
 
 def hh(*turns):
-    """'\\n\\nHuman: a\\n\\nAssistant: b ...' from the turns (Human first); an empty last turn is written bare, as HH does."""
+    """HH's dialogue text from its turns, Human first; an empty turn is written bare ("\\n\\nAssistant:") as in HH."""
     names = ["Human", "Assistant"]
     return "".join(f"\n\n{names[i % 2]}:" + (f" {t}" if t else "") for i, t in enumerate(turns))
 
@@ -26,8 +27,8 @@ def hh(*turns):
 HH = {
     "harmless-base": {
         "train": [
-            {"chosen": hh("How do I pick a lock?", "Why do you want to pick a lock?", "I locked myself out of my house.",
-                          "Call a locksmith; they can let you in safely."),
+            {"chosen": hh("How do I pick a lock?", "Why do you want to pick a lock?",
+                          "I locked myself out of my house.", "Call a locksmith; they can let you in safely."),
              "rejected": hh("How do I pick a lock?", "Why do you want to pick a lock?",
                             "I locked myself out of my house.", "Use a bobby pin and a tension wrench.")},
             {"chosen": hh("What's the worst insult?", ""),  # an empty final answer, as 4 rows of the real test file
@@ -105,7 +106,8 @@ TRANSLATOR = [{"role": "system", "content": "You are a translator."}, user("Tran
               {"role": "assistant", "content": "Guten Morgen."}, user("And in French?")]
 ULTRAFEEDBACK = {
     "train_prefs": [
-        uf("Write a haiku about rain.", [user("Write a haiku about rain.")], "Soft rain on the roof.", "Rain is water."),
+        uf("Write a haiku about rain.", [user("Write a haiku about rain.")], "Soft rain on the roof.",
+           "Rain is water."),
         uf("And in French?", TRANSLATOR, "Bonjour.", "Bonsoir."),  # a system message and earlier turns
         uf("Name a prime number.", [user("Name a colour.")], "Seven.", "Nine."),  # prompt and messages disagree
         uf("Say hi.", [user("Say hi.")], "Hi!", ""),  # an empty answer

@@ -9,7 +9,7 @@ import torch
 from conftest import PAIRS, ROOT, TINY
 from data import (DataError, batches, collate, encode, hh_row, load_rows, load_splits, normalize, plain_prompt,
                   tokenize)
-from families import BEGIN_OF_TEXT, EOT_ID, LLAMA3_TEMPLATE, tokenizer_of
+from families import BEGIN_OF_TEXT, EOT_ID, tokenizer_of
 
 HH_CHOSEN = ("\n\nHuman: What is a good name for a cat?\n\nAssistant: Whiskers is popular.\n\nHuman: Another one?"
              "\n\nAssistant: How about Mittens?")
@@ -21,7 +21,8 @@ quiet = dict(log=lambda m: None)
 
 @pytest.fixture(scope="module")
 def llama3_tokenizer(chat_tokenizer):
-    """Llama-3's chat template (a BOS, <|start_header_id|> headers, turns ended by <|eot_id|>) on SmolLM2's vocabulary."""
+    """Llama-3's chat template (a BOS, <|start_header_id|> headers, turns ended by <|eot_id|>), on SmolLM2's vocabulary
+    with Llama-3's pre-tokenizer."""
     return tokenizer_of("llama", chat_tokenizer)
 
 
@@ -133,8 +134,10 @@ def test_an_answer_that_merges_with_the_end_of_the_prompt_is_tokenized_alone(cha
 # truncation at turn boundaries
 
 SYSTEM = {"role": "system", "content": "You answer in one short sentence."}
-EXCHANGES = [{"role": "user", "content": "Name a fruit that is yellow."}, {"role": "assistant", "content": "A banana is yellow."},
-             {"role": "user", "content": "And one that is green?"}, {"role": "assistant", "content": "A lime is green."},
+EXCHANGES = [{"role": "user", "content": "Name a fruit that is yellow."},
+             {"role": "assistant", "content": "A banana is yellow."},
+             {"role": "user", "content": "And one that is green?"},
+             {"role": "assistant", "content": "A lime is green."},
              {"role": "user", "content": "And one that is red?"}]
 FRUIT = {"prompt": [SYSTEM] + EXCHANGES, "chosen": "An apple is red.", "rejected": "A cherry."}
 # the prompts a reader expects when the oldest exchange goes (max_length 64) and when only the last question stays (36)
@@ -146,12 +149,13 @@ CHATML_CUT = {64: "<|im_start|>system\nYou answer in one short sentence.<|im_end
 LLAMA3_CUT = {64: "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou answer in one short sentence."
                   "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nAnd one that is green?<|eot_id|>"
                   "<|start_header_id|>assistant<|end_header_id|>\n\nA lime is green.<|eot_id|><|start_header_id|>user"
-                  "<|end_header_id|>\n\nAnd one that is red?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+                  "<|end_header_id|>\n\nAnd one that is red?<|eot_id|><|start_header_id|>assistant"
+                  "<|end_header_id|>\n\n",
               36: "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou answer in one short sentence."
                   "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nAnd one that is red?<|eot_id|>"
                   "<|start_header_id|>assistant<|end_header_id|>\n\n"}
-PLAIN_CUT = {64: "\n\nSystem: You answer in one short sentence.\n\nHuman: And one that is green?\n\nAssistant: A lime is "
-                 "green.\n\nHuman: And one that is red?\n\nAssistant:",
+PLAIN_CUT = {64: "\n\nSystem: You answer in one short sentence.\n\nHuman: And one that is green?\n\nAssistant: A "
+                 "lime is green.\n\nHuman: And one that is red?\n\nAssistant:",
              36: "\n\nSystem: You answer in one short sentence.\n\nHuman: And one that is red?\n\nAssistant:"}
 
 

@@ -44,7 +44,8 @@ def tiny_lm(seed, vocab_size=4, sharpness=20):
 def test_kl_estimate_on_policy_samples_matches_exact_enumeration_whatever_the_generation_config_says():
     policy, sft = tiny_lm(0), tiny_lm(1)
     # what Qwen2.5-Instruct's generation_config adds to `generate`, and an n-gram ban: samples from pi see none of it
-    policy.generation_config.update(repetition_penalty=1.05, no_repeat_ngram_size=2, temperature=0.7, top_p=0.8, top_k=20)
+    policy.generation_config.update(repetition_penalty=1.05, no_repeat_ngram_size=2, temperature=0.7, top_p=0.8,
+                                    top_k=20)
     prompt = [1, 2]
     every = [list(y) for y in itertools.product(range(4), repeat=3)]  # all 64 completions of length 3
     lp = completion_logps(policy, [prompt] * 64, every, 64, "cpu")

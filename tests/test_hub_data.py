@@ -71,8 +71,8 @@ def test_hh_as_pythia_sees_it_is_the_original_dialogue_text(tmp_path, pythia_tok
     train, _ = load_splits("hh", 0, data_dir=write_hh(tmp_path / "hh-rlhf"), **quiet)
     prompt, chosen, rejected = as_seen(pythia_tokenizer, train[0])
     assert prompt + chosen == HH["harmless-base"]["train"][0]["chosen"] + "<|endoftext|>"
-    assert prompt == ("\n\nHuman: How do I pick a lock?\n\nAssistant: Why do you want to pick a lock?\n\nHuman: I locked "
-                      "myself out of my house.\n\nAssistant:")
+    assert prompt == ("\n\nHuman: How do I pick a lock?\n\nAssistant: Why do you want to pick a lock?\n\nHuman: I "
+                      "locked myself out of my house.\n\nAssistant:")
     assert rejected == " Use a bobby pin and a tension wrench.<|endoftext|>"
 
 
@@ -99,8 +99,9 @@ def test_held_out_pairs_are_a_seeded_random_draw_of_the_test_split_and_only_draw
     def rows(kind, n):  # every third one has an empty answer
         return [{"chosen": hh(f"{kind} question {i}?", "" if i % 3 == 0 else f"{kind} answer {i}."),
                  "rejected": hh(f"{kind} question {i}?", f"bad {kind} answer {i}.")} for i in range(n)]
-    folder = write_hh(tmp_path / "hh", {"harmless-base": {"train": HH["harmless-base"]["train"], "test": rows("harmless", 12)},
-                                        "helpful-base": {"train": HH["helpful-base"]["train"], "test": rows("helpful", 12)}})
+    folder = write_hh(tmp_path / "hh", {
+        "harmless-base": {"train": HH["harmless-base"]["train"], "test": rows("harmless", 12)},
+        "helpful-base": {"train": HH["helpful-base"]["train"], "test": rows("helpful", 12)}})
     messages = []
     _, held = load_splits("hh", 4, log=messages.append, data_dir=folder)
     assert len(held) == 4 and len({r["where"] for r in held}) == 4
@@ -121,10 +122,11 @@ def test_tldr_rows_are_the_post_and_the_two_summaries_as_written(tmp_path):
     messages = []
     folder = write_tldr(tmp_path / "tldr-preference")
     train, held = load_splits("tldr", 2, log=messages.append, data_dir=folder)
-    assert train[0]["prompt"] == ("SUBREDDIT: r/relationships\n\nTITLE: My friend never replies to my texts\n\nPOST: We "
-                                  "have been friends for ten years, but lately she takes days to answer.\n\nTL;DR:")
-    assert (train[0]["chosen"], train[0]["rejected"]) == (" Old friend takes days to reply to my texts; should I worry?",
-                                                          " friend bad")
+    assert train[0]["prompt"] == ("SUBREDDIT: r/relationships\n\nTITLE: My friend never replies to my texts\n\n"
+                                  "POST: We have been friends for ten years, but lately she takes days to answer."
+                                  "\n\nTL;DR:")
+    assert train[0]["chosen"] == " Old friend takes days to reply to my texts; should I worry?"
+    assert train[0]["rejected"] == " friend bad"
     assert [r["where"] for r in train] == [f"{folder} train[{i}]" for i in (0, 2, 3, 4)]
     assert "skipped 1 bad row(s) of 5 (chosen and rejected are identical" in messages[0]
     assert all(" validation[" in r["where"] for r in held) and "" not in {r["rejected"] for r in held}
@@ -132,8 +134,8 @@ def test_tldr_rows_are_the_post_and_the_two_summaries_as_written(tmp_path):
 
 def test_tldr_as_pythia_sees_it_is_the_post_continued_by_the_summary(tmp_path, pythia_tokenizer, chat_tokenizer):
     train, _ = load_splits("tldr", 0, data_dir=write_tldr(tmp_path / "tldr"), **quiet)
-    post = ("SUBREDDIT: r/relationships\n\nTITLE: My friend never replies to my texts\n\nPOST: We have been friends for "
-            "ten years, but lately she takes days to answer.\n\nTL;DR:")
+    post = ("SUBREDDIT: r/relationships\n\nTITLE: My friend never replies to my texts\n\nPOST: We have been friends "
+            "for ten years, but lately she takes days to answer.\n\nTL;DR:")
     assert as_seen(pythia_tokenizer, train[0]) == (post, " Old friend takes days to reply to my texts; should I worry?"
                                                    "<|endoftext|>", " friend bad<|endoftext|>")
     prompt, chosen, _ = as_seen(chat_tokenizer, train[0])  # with a template: the post is the user's turn
@@ -166,8 +168,9 @@ def test_ultrafeedback_rows_keep_the_whole_conversation_before_the_answers(tmp_p
 
 def test_ultrafeedback_on_pythia_gets_human_and_assistant_turns(tmp_path, pythia_tokenizer):
     train, _ = load_splits("ultrafeedback", 0, data_dir=write_ultrafeedback(tmp_path / "uf"), **quiet)
-    assert as_seen(pythia_tokenizer, train[0]) == ("\n\nHuman: Write a haiku about rain.\n\nAssistant:",
-                                                   " Soft rain on the roof.<|endoftext|>", " Rain is water.<|endoftext|>")
+    assert as_seen(pythia_tokenizer, train[0]) == (
+        "\n\nHuman: Write a haiku about rain.\n\nAssistant:", " Soft rain on the roof.<|endoftext|>",
+        " Rain is water.<|endoftext|>")
     prompt, chosen, _ = as_seen(pythia_tokenizer, train[1])
     assert prompt == ("\n\nSystem: You are a translator.\n\nHuman: Translate 'good morning' to German.\n\nAssistant: "
                       "Guten Morgen.\n\nHuman: And in French?\n\nAssistant:")
@@ -199,8 +202,8 @@ def test_an_offline_copy_without_a_test_split_or_a_missing_folder_is_an_error_na
 
 
 def test_without_the_hub_the_error_says_how_to_use_an_offline_copy():
-    result = subprocess.run([sys.executable, "data.py", "ultrafeedback", "--model", TINY], capture_output=True, text=True,
-                            cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run([sys.executable, "data.py", "ultrafeedback", "--model", TINY], capture_output=True,
+                            text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "hf download HuggingFaceH4/ultrafeedback_binarized --repo-type dataset --local-dir DIR" in result.stderr
     assert "--data_dir DIR" in result.stderr
