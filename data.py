@@ -1,27 +1,35 @@
 """Preference data -> token tensors, with the same prompt tokens for chosen and rejected.
 
-Every source becomes rows {"prompt": text or chat messages, "chosen": text, "rejected": text}:
+Every source becomes rows {"prompt": text or chat messages, "chosen": text, "rejected": text, "where": its place}:
   demo            the built-in set in data/ (SmolLM2 samples labelled by the gold judge of gold.py)
   hh              Anthropic/hh-rlhf: the prompt is the dialogue prefix that chosen and rejected share
   tldr            Reddit TL;DR comparisons of Stiennon et al. (trl-lib/tldr-preference)
-  ultrafeedback   HuggingFaceH4/ultrafeedback_binarized
+  ultrafeedback   HuggingFaceH4/ultrafeedback_binarized: the messages before the final answers are the prompt
   PATH.jsonl      any local file with prompt/chosen/rejected (text, or lists of {"role", "content"} messages)
+The hub sets are read from the hub, or with data_dir (--data_dir) from an offline copy of the hub repository.
 
 Inspect one:  python data.py hh --model EleutherAI/pythia-2.8b --max_length 1024
 """
 import argparse
+import hashlib
 import json
 import os
+import shutil
+import time
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO = {"train": os.path.join(HERE, "data", "demo_train.jsonl"), "test": os.path.join(HERE, "data", "demo_eval.jsonl")}
-HUB = {  # name: (hub id, config, train split, test split)
-    "hh": ("Anthropic/hh-rlhf", None, "train", "test"),
-    "tldr": ("trl-lib/tldr-preference", None, "train", "validation"),
-    "ultrafeedback": ("HuggingFaceH4/ultrafeedback_binarized", None, "train_prefs", "test_prefs"),
+HUB = {  # name: (hub id, train split, test split)
+    "hh": ("Anthropic/hh-rlhf", "train", "test"),
+    "tldr": ("trl-lib/tldr-preference", "train", "validation"),
+    "ultrafeedback": ("HuggingFaceH4/ultrafeedback_binarized", "train_prefs", "test_prefs"),
 }
+# tokenized data sets are kept here, one folder per cache key (see cache_key)
+CACHE = os.environ.get("TRDPO_TOKENIZED", os.path.join(os.environ.get("TRDPO_CACHE", os.path.expanduser(
+    "~/.cache/trdpo")), "tokenized"))
+LARGE = 10_000  # rows from which tokenization runs in several processes (below, starting them costs more than it saves)
 
 
 class DataError(SystemExit):
@@ -55,8 +63,10 @@ def hh_row(row):
     if marker not in common:
         raise BadRow("chosen and rejected share no dialogue prefix ending in '\\n\\nAssistant:'")
     cut = common.rfind(marker) + len(marker)  # the last assistant turn both dialogues start identically
-    return {"prompt": hh_dialogue(row["chosen"][: cut - len(marker)]),
-            "chosen": row["chosen"][cut:].strip(), "rejected": row["rejected"][cut:].strip()}
+    chosen, rejected = row["chosen"][cut:].strip(), row["rejected"][cut:].strip()
+    if "\n\nHuman:" in chosen or "\n\nHuman:" in rejected:
+        raise BadRow("chosen and rejected differ before their last assistant turn: the answers are whole dialogues")
+    return {"prompt": hh_dialogue(row["chosen"][: cut - len(marker)]), "chosen": chosen, "rejected": rejected}
 
 
 def last_answer(side):
@@ -66,6 +76,28 @@ def last_answer(side):
             raise BadRow("a completion given as messages must end with an assistant message")
         return side[-1].get("content")
     return side
+
+
+def conversation(row):
+    """The prompt of a row. Completions given as messages (UltraFeedback) carry the conversation before the final
+    answer, system message and earlier turns included: that is the prompt, and a `prompt` given beside it must agree
+    with it (as text: its last user message). A prompt that is a conversation gets turn markers on every model."""
+    chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
+    if isinstance(chosen, list) != isinstance(rejected, list):
+        raise BadRow("chosen and rejected must both be text or both be lists of messages")
+    if not isinstance(chosen, list):
+        return prompt
+    earlier = chosen[:-1]
+    if earlier != rejected[:-1]:
+        raise BadRow("chosen and rejected messages differ before their final answers")
+    if not earlier:
+        return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    users = [m.get("content") for m in earlier if isinstance(m, dict) and m.get("role") == "user"]
+    if isinstance(prompt, str) and (not users or not isinstance(users[-1], str) or users[-1].strip() != prompt.strip()):
+        raise BadRow(f"prompt {prompt[:60]!r} is not the last user message before the answers in chosen/rejected")
+    if isinstance(prompt, list) and prompt != earlier:
+        raise BadRow("prompt messages differ from the messages before the answers in chosen/rejected")
+    return earlier
 
 
 def normalize(row):
@@ -78,7 +110,7 @@ def normalize(row):
                and not (k == "prompt" and isinstance(row.get("chosen"), list))]  # messages carry their own prompt
     if missing:
         raise BadRow(f"missing field(s) {', '.join(missing)}")
-    prompt = row["prompt"] if "prompt" in row else row["chosen"][:-1]
+    prompt = conversation(row)
     if isinstance(prompt, list):
         for m in prompt:
             if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
@@ -118,48 +150,142 @@ def jsonl_lines(path):
                     yield f"{path}:{number}", BadRow(f"not valid JSON ({e.msg}, column {e.colno})")
 
 
+def report(problems, total, examples):
+    """'N bad row(s) of M (reason: count, ...):' and the first `examples` of them with their places."""
+    reasons = {}
+    for _, reason in problems:
+        reasons[reason] = reasons.get(reason, 0) + 1
+    listing = "\n  ".join(f"{where}: {reason}" for where, reason in problems[:examples])
+    more = f"\n  ... and {len(problems) - examples} more" if len(problems) > examples else ""
+    by_reason = "; ".join(f"{reason}: {n}" for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+    return f"{len(problems)} bad row(s) of {total} ({by_reason}):\n  {listing}{more}"
+
+
 def checked(source, items, skip_bad_rows, log):
-    """Normalize every (place, row); report all bad rows at once: an error, or with --skip_bad_rows a counted skip."""
+    """Normalize every (place, row); report all bad rows at once: an error, or when skipping a count and examples."""
     rows, problems = [], []
     for where, row in items:
         try:
             rows.append({**normalize(row), "where": where})
         except BadRow as e:
-            problems.append(f"{where}: {e}")
+            problems.append((where, str(e)))
     if problems:
-        listing = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         if not skip_bad_rows:
-            raise DataError(f"{source}: {len(problems)} bad row(s) of {len(problems) + len(rows)}:\n  {listing}\n"
+            raise DataError(f"{source}: {report(problems, len(problems) + len(rows), 20)}\n"
                             "fix them, or pass --skip_bad_rows to leave them out (they are counted)")
-        log(f"{source}: skipped {len(problems)} bad row(s) of {len(problems) + len(rows)} (--skip_bad_rows):\n  {listing}")
+        log(f"{source}: skipped {report(problems, len(problems) + len(rows), 5)}")
     if not rows:
         raise DataError(f"{source}: no usable rows")
     return rows
 
 
-def hub_rows(name, split):
+def hub_split(name, split, data_dir=None):
+    """(source, table) of a hub data set's split ("train" or "test": the hub's own names are in HUB), read from the hub
+    or from data_dir, an offline copy in the hub repository's layout (e.g. hh-rlhf/*/test.jsonl.gz,
+    ultrafeedback_binarized/data/test_prefs-00000-of-00001.parquet), which `datasets` reads the same way."""
     import datasets  # only the hub datasets need it
-    hub_id, config, train_split, test_split = HUB[name]
-    table = datasets.load_dataset(hub_id, config, split=train_split if split == "train" else test_split)
-    for i, row in enumerate(table):
-        try:
-            yield f"{hub_id}[{i}]", hh_row(row) if name == "hh" else row
-        except BadRow as e:
-            yield f"{hub_id}[{i}]", e
+    hub_id, train_split, test_split = HUB[name]
+    split = train_split if split == "train" else test_split
+    if data_dir is not None and not os.path.isdir(data_dir):
+        raise DataError(f"--data_dir {data_dir}: no such folder (expected an offline copy of {hub_id})")
+    try:
+        return f"{data_dir or hub_id} {split}", datasets.load_dataset(data_dir or hub_id, split=split)
+    except ConnectionError as e:
+        raise DataError(f"{hub_id}: the hub cannot be reached ({e}). Copy the data set where it can (`hf download "
+                        f"{hub_id} --repo-type dataset --local-dir DIR`) and pass --data_dir DIR")
+    except ValueError as e:  # an offline copy without this split
+        raise DataError(f"{data_dir or hub_id}: no split {split!r} ({e}); an offline copy of {hub_id} needs the "
+                        f"hub's file layout, in which file names carry the split")
 
 
-def load_rows(name, split="train", skip_bad_rows=False, log=print):
-    """The rows of a dataset by name (see the top of this file); split is "train" or "test"."""
+def hub_row(name, row):
+    """A hub table's row in the common shape, or the BadRow saying why it cannot be."""
+    try:
+        return hh_row(row) if name == "hh" else row
+    except BadRow as e:
+        return e
+
+
+def load_rows(name, split="train", skip_bad_rows=False, log=print, data_dir=None):
+    """The rows of a dataset by name (see the top of this file); split is "train" or "test". Bad rows of the named hub
+    sets (known to be dirty: HH has empty and identical answers) are skipped and counted; those of a user's file stop
+    the run, all listed in one message, unless skip_bad_rows."""
     if name == "demo" or name.endswith(".jsonl"):
+        if data_dir is not None:
+            raise DataError(f"--data_dir is for an offline copy of {', '.join(HUB)}; --dataset {name} is a file")
         path = DEMO[split] if name == "demo" else name
         return checked(path, jsonl_lines(path), skip_bad_rows, log)
     if name not in HUB:
         raise DataError(f"--dataset {name!r}: expected demo, {', '.join(HUB)} or a path ending in .jsonl")
-    return checked(f"{name} ({split})", hub_rows(name, split), skip_bad_rows, log)
+    source, table = hub_split(name, split, data_dir)
+    return checked(source, ((f"{source}[{i}]", hub_row(name, row)) for i, row in enumerate(table)), True, log)
+
+
+def shuffled(n, seed):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def held_out(name, n, seed=0, skip_bad_rows=False, log=print, data_dir=None):
+    """n pairs drawn at random from the test split (of a file: from all its rows), in the order drawn. The draw depends
+    on the seed alone, so every rank and every run holding the same seed gets the same pairs. Only the drawn rows are
+    checked; a bad one (skipped and counted for the hub sets) is replaced by the next draw."""
+    if n <= 0:
+        return []
+    if name == "demo" or name.endswith(".jsonl"):
+        path = DEMO["test"] if name == "demo" else name
+        source, items = path, list(jsonl_lines(path))
+        row = items.__getitem__
+    else:
+        if name not in HUB:
+            raise DataError(f"--dataset {name!r}: expected demo, {', '.join(HUB)} or a path ending in .jsonl")
+        source, table = hub_split(name, "test", data_dir)
+        items, skip_bad_rows = table, True
+        row = lambda i: (f"{source}[{i}]", hub_row(name, table[i]))  # noqa: E731
+    rows, problems = [], []
+    for i in shuffled(len(items), seed):
+        where, raw = row(i)
+        try:
+            rows.append({**normalize(raw), "where": where})
+        except BadRow as e:
+            if not skip_bad_rows:
+                raise DataError(f"{where}: {e}\nfix it, or pass --skip_bad_rows to leave such rows out")
+            problems.append((where, str(e)))
+        if len(rows) == n:
+            break
+    log(f"held out {len(rows)} pairs drawn at random (seed {seed}) from {source} ({len(items)} rows)"
+        + (f"; skipped {report(problems, f'the {len(rows) + len(problems)} drawn', 3)}" if problems else ""))
+    if not rows:
+        raise DataError(f"{source}: no usable rows")
+    return rows
+
+
+def load_splits(name, eval_pairs, seed=0, skip_bad_rows=False, log=print, data_dir=None):
+    """(training rows, held-out rows). demo and the hub sets: the train split, and eval_pairs pairs drawn at random
+    from the test split (held_out). A JSONL file has no test split: eval_pairs of its rows, drawn at random, are held
+    out and the others train. eval_pairs = 0 holds out nothing."""
+    if eval_pairs < 0:
+        raise DataError(f"--eval_pairs {eval_pairs} must be 0 (no held-out pairs) or more")
+    if not name.endswith(".jsonl"):
+        return load_rows(name, "train", skip_bad_rows, log, data_dir), held_out(name, eval_pairs, seed,
+                                                                                skip_bad_rows, log, data_dir)
+    rows = load_rows(name, "train", skip_bad_rows, log, data_dir)
+    if eval_pairs >= len(rows):
+        raise DataError(f"--eval_pairs {eval_pairs} would hold out all {len(rows)} pairs of {name}, leaving none to "
+                        "train on; lower it (0 holds out nothing)")
+    held = shuffled(len(rows), seed)[:eval_pairs]
+    if held:
+        log(f"held out {eval_pairs} of the {len(rows)} pairs of {name}, drawn at random (seed {seed})")
+    kept = set(range(len(rows))) - set(held)
+    return [r for i, r in enumerate(rows) if i in kept], [rows[i] for i in held]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # tokens: render the prompt once, then each completion as its continuation
+#
+# The rule: a prompt given as messages (HH, UltraFeedback, any message list) is a conversation: the tokenizer's chat
+# template, or without one HH's '\n\nHuman: ...\n\nAssistant:' turns. A text prompt is one user turn under a chat
+# template; without a template it is raw text that the completion continues as written (TL;DR's '... TL;DR:' +
+# ' summary'), TRL's "standard" format. A completion ends with the template's end-of-turn token, or with EOS.
 
 
 def plain_prompt(messages):
@@ -168,13 +294,17 @@ def plain_prompt(messages):
     return "".join(f"\n\n{names[m['role']]}: {m['content']}" for m in messages) + "\n\nAssistant:"
 
 
+def chat(prompt, completion=None):
+    """The messages a chat template renders: a text prompt is one user turn, the completion the assistant's answer."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return messages if completion is None else messages + [{"role": "assistant", "content": completion}]
+
+
 def render(tokenizer, prompt, completion=None):
-    """Token ids of the prompt as the model sees it, ready for the answer; with `completion`, followed by it."""
+    """Token ids of the prompt as the model sees it, ready for the answer; with `completion`, followed by it (and by
+    what the template writes after an answer, or EOS)."""
     if tokenizer.chat_template is not None:
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        if completion is None:
-            return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
-        return tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}],
+        return tokenizer.apply_chat_template(chat(prompt, completion), add_generation_prompt=completion is None,
                                              tokenize=True)["input_ids"]
     text = prompt if isinstance(prompt, str) else plain_prompt(prompt)
     if completion is None:
@@ -186,54 +316,199 @@ def plain_separator(prompt):
     return "" if isinstance(prompt, str) else " "  # HH writes "Assistant: answer"; text prompts carry their own
 
 
-def encode(tokenizer, prompt, completion):
-    """(prompt_ids, completion_ids) for one side. Tokenised jointly and sliced once, so that the prompt ids are the
-    same ones whatever follows; the completion keeps its end-of-turn / EOS token."""
-    prompt_ids, full = render(tokenizer, prompt), render(tokenizer, prompt, completion)
-    if full[: len(prompt_ids)] == prompt_ids:
-        return prompt_ids, full[len(prompt_ids):]
-    if tokenizer.chat_template is not None:
+ANSWER = "Sure, here it is: 42."  # any answer: what follows it in a rendered turn is the template's end of turn
+
+
+def turn_end(tokenizer):
+    """(text, ids, end): what a chat template writes after an assistant's answer, its ids, and the token a completion
+    ends with. With a template that is the special token written right after the answer (<|im_end|>, <|eot_id|>,
+    <end_of_turn>), found by rendering an answer, not by name; the whitespace after it belongs to the next turn. With
+    no template, or one that marks no end, EOS. Sampling (evaluate.py) stops at this token, so both agree."""
+    if tokenizer.chat_template is None:
+        return "", [], tokenizer.eos_token_id
+    text = tokenizer.apply_chat_template(chat("Hi", ANSWER), tokenize=False)
+    after = text[text.rindex(ANSWER) + len(ANSWER):]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+    added = tokenizer.added_tokens_decoder
+    if ids and (ids[0] in tokenizer.all_special_ids or ids[0] in added and added[ids[0]].special):
+        return after, ids, ids[0]
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"{tokenizer.name_or_path}: its chat template marks no end of an answer and it has no EOS "
+                        "token, so a completion would have no end; give the tokenizer an eos_token")
+    return after, ids, tokenizer.eos_token_id
+
+
+def encode(tokenizer, prompt, completion, ending=None, prompt_ids=None):
+    """(prompt_ids, completion_ids) for one side: the prompt ids exactly as sampling sees them (the same whatever
+    follows), the completion ending with the end-of-turn token or EOS (turn_end). Tokenised jointly and sliced once;
+    where the answer's first token merges with the end of the prompt, the answer is tokenised alone, from its text
+    (never from decoded ids). prompt_ids: the prompt's, if rendered already."""
+    after_text, after, end = ending or turn_end(tokenizer)
+    prompt_ids, full = prompt_ids or render(tokenizer, prompt), render(tokenizer, prompt, completion)
+    if tokenizer.chat_template is None:
+        if full[: len(prompt_ids)] == prompt_ids:
+            return prompt_ids, full[len(prompt_ids):]
+        rest = tokenizer(plain_separator(prompt) + completion, add_special_tokens=False)["input_ids"]
+        return prompt_ids, rest + [end]
+    if full[: len(prompt_ids)] == prompt_ids and full[len(full) - len(after):] == after:
+        return prompt_ids, full[len(prompt_ids): len(full) - len(after)] + [end]
+    # e.g. a generation prompt ending in "\n\n" that the vocabulary merges with the answer: the answer as written
+    prompt_text = tokenizer.apply_chat_template(chat(prompt), add_generation_prompt=True, tokenize=False)
+    full_text = tokenizer.apply_chat_template(chat(prompt, completion), tokenize=False)
+    if not full_text.startswith(prompt_text) or not full_text.endswith(after_text):
         raise DataError(f"{tokenizer.name_or_path}: its chat template renders the prompt differently when an answer "
                         "follows, so prompt and completion cannot be split; use a model with a prefix-stable template")
-    # a BPE merge across the boundary: tokenise the completion alone (never re-encode decoded text)
-    rest = tokenizer(plain_separator(prompt) + completion, add_special_tokens=False)["input_ids"]
-    return prompt_ids, rest + [tokenizer.eos_token_id]
+    answer = full_text[len(prompt_text): len(full_text) - len(after_text)]
+    return prompt_ids, tokenizer(answer, add_special_tokens=False)["input_ids"] + [end]
 
 
-def truncate(prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length):
-    """Fit prompt + the longer completion into max_length: the prompt is cut from the left (the turn nearest the
-    answer matters most), then each completion from the right. Never writes an EOS into a cut completion."""
-    longest = max(len(chosen_ids), len(rejected_ids))
-    if len(prompt_ids) + longest <= max_length:
-        return prompt_ids, chosen_ids, rejected_ids
-    keep = min(len(prompt_ids), max(max_prompt_length, max_length - longest))
-    prompt_ids = prompt_ids[len(prompt_ids) - keep:]
-    budget = max_length - len(prompt_ids)
-    return prompt_ids, chosen_ids[:budget], rejected_ids[:budget]
+def cut_start(tokenizer, text, n):
+    """`text` without (about) its first n tokens, cut between two tokens: text is cut, never decoded ids."""
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return text[max(1, offsets[n][0]):] if n < len(offsets) else ""  # at least one character: the loop ends
 
 
-def tokenize(rows, tokenizer, max_length, max_prompt_length, log=print):
-    """Rows -> examples {"prompt", "chosen", "rejected": int32 tensors, "row": index}. Prints what it cut and dropped."""
+def shorten(tokenizer, prompt, budget):
+    """(prompt, turns dropped, text cut): the prompt made to fit `budget` tokens as a well-formed conversation. Drop
+    the oldest exchanges (a user turn and the replies to it), keeping a system message and the last user turn; only if
+    that alone is too long, cut the start of the first kept message's text (its end, nearest the answer, stays) and
+    render it again through the template, so that headers, BOS and system prompt stay. A text prompt is cut the same
+    way. prompt is None if the frame leaves no room for any of that text."""
+    length = lambda p: len(render(tokenizer, p))  # noqa: E731
+    dropped = False
+    if isinstance(prompt, list):
+        system = prompt[:1] if prompt[0]["role"] == "system" else []
+        turns = prompt[len(system):]
+        while length(system + turns) > budget:
+            following = next((i for i in range(1, len(turns)) if turns[i]["role"] == "user"), None)
+            if following is None:
+                break
+            turns, dropped = turns[following:], True
+        prompt = system + turns
+        cut = len(system) if turns else 0  # the first kept message after the system message
+        with_text = lambda text: prompt[:cut] + [{**prompt[cut], "content": text}] + prompt[cut + 1:]  # noqa: E731
+        text = prompt[cut]["content"]
+    else:
+        with_text, text = (lambda text: text), prompt
+    shorter = prompt
+    while (over := length(shorter) - budget) > 0:
+        text = cut_start(tokenizer, text, over)
+        if not text.strip():  # an empty message: nothing is left to answer
+            return None, dropped, True
+        shorter = with_text(text)
+    return shorter, dropped, shorter is not prompt
+
+
+def encode_pair(row, tokenizer, ending, max_length, max_prompt_length):
+    """One row -> its token ids, cut to fit max_length, and what was done to it. Chosen and rejected share one prompt:
+    if prompt + the longer completion do not fit, the prompt is shortened (to max_prompt_length, or more if the
+    completions leave room) by turns, then the completions are cut from the right (a cut one has no end token)."""
+    prompt = json.loads(row["prompt"])
+    prompt_ids, chosen = encode(tokenizer, prompt, row["chosen"], ending)
+    _, rejected = encode(tokenizer, prompt, row["rejected"], ending, prompt_ids)
+    budget = max(max_prompt_length, max_length - max(len(chosen), len(rejected)))
+    dropped = text_cut = False
+    if len(prompt_ids) > budget:
+        prompt, dropped, text_cut = shorten(tokenizer, prompt, budget)
+        if prompt is None:
+            return {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "turns_dropped": dropped,
+                    "text_cut": text_cut, "completion_cut": False, "status": "dropped (prompt cannot fit)"}
+        prompt_ids, chosen = encode(tokenizer, prompt, row["chosen"], ending)
+        _, rejected = encode(tokenizer, prompt, row["rejected"], ending, prompt_ids)
+    room = max_length - len(prompt_ids)
+    completion_cut = len(chosen) > room or len(rejected) > room
+    chosen, rejected = chosen[:room], rejected[:room]
+    # texts that differ only in what the tokenizer or the cut removed: no preference left, zero gradient
+    status = "dropped (same tokens)" if chosen == rejected else "kept"
+    return {"prompt_ids": prompt_ids, "chosen_ids": chosen, "rejected_ids": rejected, "turns_dropped": dropped,
+            "text_cut": text_cut, "completion_cut": completion_cut, "status": status}
+
+
+def cache_key(rows, tokenizer, max_length, max_prompt_length):
+    """A hash of everything the token ids depend on: the rows, the tokenizer (vocabulary, merges, special tokens,
+    pre/post-processing), its chat template, the lengths, and this file (the tokenization code)."""
+    import tokenizers
+    import transformers
+    h = hashlib.sha256()
+    with open(os.path.abspath(__file__), "rb") as f:
+        h.update(f.read())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)).encode())
+    h.update(json.dumps([type(tokenizer).__name__, tokenizer.chat_template, tokenizer.bos_token_id,
+                         tokenizer.eos_token_id, max_length, max_prompt_length, transformers.__version__,
+                         tokenizers.__version__]).encode())
+    for r in rows:
+        h.update(json.dumps([r["prompt"], r["chosen"], r["rejected"]]).encode() + b"\n")
+    return h.hexdigest()[:32]
+
+
+def tokenized_table(rows, tokenizer, max_length, max_prompt_length, cache_dir, processes):
+    """(table of encode_pair's results, how it was obtained): read from the cache, or computed with `datasets` map (in
+    several processes for a large set) and written to the cache under a temporary name, then renamed."""
+    import datasets
+    path = os.path.join(cache_dir or CACHE, cache_key(rows, tokenizer, max_length, max_prompt_length))
+    if os.path.isdir(path):
+        return datasets.load_from_disk(path), f"read from the cache {path}"
+    processes = processes or (min(8, os.cpu_count() or 1) if len(rows) >= LARGE else 1)
+    bars_were_off = datasets.are_progress_bars_disabled()
+    if len(rows) < LARGE:  # a progress bar only where it is worth watching
+        datasets.disable_progress_bars()
+    ids = datasets.List(datasets.Value("int32"))
+    features = datasets.Features({"prompt_ids": ids, "chosen_ids": ids, "rejected_ids": ids, "status": datasets.Value(
+        "string"), **{k: datasets.Value("bool") for k in ("turns_dropped", "text_cut", "completion_cut")}})
+    table = datasets.Dataset.from_dict({"prompt": [json.dumps(r["prompt"]) for r in rows],  # text or messages
+                                        "chosen": [r["chosen"] for r in rows],
+                                        "rejected": [r["rejected"] for r in rows]})
+    table = table.map(encode_pair, fn_kwargs={"tokenizer": tokenizer, "ending": turn_end(tokenizer),
+                                              "max_length": max_length, "max_prompt_length": max_prompt_length},
+                      num_proc=processes if processes > 1 else None, remove_columns=["prompt", "chosen", "rejected"],
+                      features=features, new_fingerprint=os.path.basename(path), desc="tokenizing")
+    how = f"in {processes} process{'es' if processes > 1 else ''}"
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        table.save_to_disk(tmp)
+        if not os.path.isdir(path):  # another process may have finished the same first
+            os.rename(tmp, path)
+        how += f", cached in {path}"
+    except OSError as e:  # a read-only or full disk: go on without the cache
+        how += f", not cached ({e})"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if not bars_were_off:
+        datasets.enable_progress_bars()
+    return table, how
+
+
+def ragged(table, name):
+    """A column of int32 lists -> one tensor per row, views of one flat tensor read in one pass (not row by row)."""
+    import pyarrow.compute as pc
+    column = table.data.column(name).combine_chunks()
+    flat = torch.from_numpy(column.flatten().to_numpy(zero_copy_only=False).copy())
+    return torch.split(flat, pc.list_value_length(column).to_numpy().tolist())
+
+
+def tokenize(rows, tokenizer, max_length, max_prompt_length, log=print, cache_dir=None, processes=None):
+    """Rows -> examples {"prompt", "chosen", "rejected": int32 tensors, "row": index}. Prints what it cut and dropped
+    and the time it took. The result is kept on disk under cache_dir (default $TRDPO_TOKENIZED, or
+    ~/.cache/trdpo/tokenized), keyed by cache_key: a second run, and the other ranks under torchrun, read it back."""
     if not 0 < max_prompt_length < max_length:
         raise DataError(f"--max_prompt_length {max_prompt_length} must be between 0 and --max_length {max_length}")
-    examples, counts = [], {"prompt cut": 0, "completion cut": 0, "dropped (same tokens)": 0, "dropped (empty)": 0}
-    for i, row in enumerate(rows):
-        prompt_ids, chosen_ids = encode(tokenizer, row["prompt"], row["chosen"])
-        _, rejected_ids = encode(tokenizer, row["prompt"], row["rejected"])
-        p, c, r = truncate(prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length)
-        counts["prompt cut"] += len(p) < len(prompt_ids)
-        counts["completion cut"] += len(c) < len(chosen_ids) or len(r) < len(rejected_ids)
-        if c == r:  # texts differ only in what the tokenizer or the cut removed: no preference left, zero gradient
-            counts["dropped (same tokens)"] += 1
-        elif not c or not r:
-            counts["dropped (empty)"] += 1
-        else:
-            examples.append({"prompt": torch.tensor(p, dtype=torch.int32), "chosen": torch.tensor(c, dtype=torch.int32),
-                             "rejected": torch.tensor(r, dtype=torch.int32), "row": i})
-    log(f"tokenized {len(examples)} of {len(rows)} pairs (max_length {max_length}): "
-        + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if not rows:
+        return []
+    start = time.time()
+    table, how = tokenized_table(rows, tokenizer, max_length, max_prompt_length, cache_dir, processes)
+    column = lambda name: table.data.column(name).to_pylist()  # noqa: E731
+    status = column("status")
+    prompts, chosen, rejected = (ragged(table, k) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+    examples = [{"prompt": prompts[i], "chosen": chosen[i], "rejected": rejected[i], "row": i}
+                for i, s in enumerate(status) if s == "kept"]
+    counts = {"prompt turns dropped": sum(column("turns_dropped")), "prompt text cut": sum(column("text_cut")),
+              "completion cut": sum(column("completion_cut")),
+              **{s: status.count(s) for s in ("dropped (same tokens)", "dropped (prompt cannot fit)")}}
+    log(f"tokenized {len(examples)} of {len(rows)} pairs (max_length {max_length}) in {time.time() - start:.1f} s "
+        f"({how}): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     if not examples:
-        raise DataError("no pairs left after tokenization; see the counts above")
+        raise DataError("no pairs left after tokenization; see the counts above (a prompt cannot fit when "
+                        "--max_prompt_length leaves no room beside the chat template's own tokens)")
     return examples
 
 
@@ -310,7 +585,7 @@ def batches(examples, micro_batch_size, rank, world_size, seed, epoch, skip=0, g
 
 def inspect(args):
     from model import load_tokenizer
-    rows = load_rows(args.dataset, args.split, skip_bad_rows=True)  # list every problem of the file in one pass
+    rows = load_rows(args.dataset, args.split, skip_bad_rows=True, data_dir=args.data_dir)  # every problem at once
     tokenizer = load_tokenizer(args.model)
     examples = tokenize(rows, tokenizer, args.max_length, args.max_prompt_length)
     for name in ("prompt", "chosen", "rejected"):
@@ -336,6 +611,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Inspect a preference dataset: counts, lengths, cuts, one example.")
     parser.add_argument("dataset", help="demo | hh | tldr | ultrafeedback | PATH.jsonl")
     parser.add_argument("--split", default="train", choices=["train", "test"])
+    parser.add_argument("--data_dir", help="an offline copy of the hub data set, in the hub repository's layout")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="whose tokenizer and chat template to use")
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--max_prompt_length", type=int, default=256)

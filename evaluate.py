@@ -7,7 +7,9 @@
 For each checkpoint: the win rate of its samples against the baseline's samples on the same held-out prompts (the
 judge is asked both orders; a tie or a disagreement between the orders counts one half), KL(pi || pi_SFT) estimated
 on the policy's own samples, the mean completion length, and the implicit-reward accuracy on held-out pairs. With the
-default temperature 1 the samples come from pi itself, so the KL estimate is unbiased.
+default temperature 1 the samples come from pi itself (a plain sampling loop: nothing of the model's generation_config
+applies), so the KL estimate is unbiased; it is the KL between the two models' distributions of completions cut at
+--max_new_tokens (a sample ends at its first end-of-turn or EOS token, or after max_new_tokens).
 Writes a table to stdout, one JSON per checkpoint and a PNG of quality against KL (one line per run): the paper's
 over-optimization plot.
 """
@@ -20,7 +22,7 @@ import urllib.request
 
 import torch
 
-from data import collate, load_rows, pad, render, to_device, tokenize
+from data import collate, held_out, pad, render, to_device, tokenize, turn_end
 from model import load_model, load_tokenizer, sequence_logps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -136,23 +138,49 @@ def load_checkpoint(path):
     return load_model(folder), load_tokenizer(folder, log=lambda m: None)
 
 
+def stop_ids(tokenizer, model):
+    """The tokens that end a sample: the one every training completion ends with (the chat template's end of turn, or
+    EOS: data.turn_end), and every EOS id of the tokenizer and of the model's generation config. Id 0 is an id like
+    any other (Pythia's EOS is 0)."""
+    _, _, end = turn_end(tokenizer)
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids = {end, tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
+    return {i for i in ids if i is not None}
+
+
 @torch.no_grad()
-def sample(model, tokenizer, prompt_ids, temperature, max_new_tokens, batch_size, seed, device):
-    """Completion ids for each prompt (left-padded batches); each ends at its first EOS, which it keeps."""
-    torch.manual_seed(seed)  # the same seed for every checkpoint
-    eos = set(filter(None, [tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)]))
-    eos = {e for x in eos for e in (x if isinstance(x, list) else [x])}
+def sample(model, prompt_ids, stop, temperature, max_new_tokens, batch_size, seed, device):
+    """Completion ids y ~ pi(. | x) for each prompt: token by token from softmax(logits / temperature) and nothing else.
+    Not `generate`, which would add what the model's generation_config sets (Qwen2.5-Instruct's repetition_penalty
+    1.05, a no_repeat_ngram_size, top-k/top-p), so that at temperature 1 the samples are pi's own and the KL estimate
+    holds. A sample ends at its first token in `stop`, which it keeps (training completions end with it), or after
+    max_new_tokens: the distribution sampled is pi's, cut at that length. temperature 0: greedy."""
+    generator = torch.Generator(device=device).manual_seed(seed)  # the same seed for every checkpoint
+    stop = torch.tensor(sorted(stop), dtype=torch.long, device=device)
     completions = []
     for start in range(0, len(prompt_ids), batch_size):
         chunk = prompt_ids[start: start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in chunk], device=device)
+        width = max(len(p) for p in chunk)  # left padding: every prompt ends where sampling starts
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_p=1.0,
-                             top_k=0, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-        for row in out[:, width:].tolist():
-            stop = next((i for i, t in enumerate(row) if t in eos), None)
-            completions.append(row if stop is None else row[: stop + 1])
+        positions = (mask.cumsum(1) - 1).clamp(min=0)  # each prompt from position 0, whatever its padding
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        rows, done = [[] for _ in chunk], torch.zeros(len(chunk), dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            logits = out.logits[:, -1].float()  # (B, V)
+            token = logits.argmax(-1) if temperature == 0 else \
+                torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator).squeeze(1)
+            for row, t, finished in zip(rows, token.tolist(), done.tolist()):
+                if not finished:
+                    row.append(t)
+            done |= torch.isin(token, stop)
+            if done.all():
+                break
+            mask = torch.cat([mask, mask.new_ones(len(chunk), 1)], 1)
+            positions = positions[:, -1:] + 1
+            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
+                        past_key_values=out.past_key_values, use_cache=True)
+        completions += rows
     return completions
 
 
@@ -168,7 +196,8 @@ def completion_logps(model, prompt_ids, completion_ids, batch_size, device):
 
 
 def kl_estimate(policy_logps, sft_logps, lengths):
-    """KL(pi || pi_SFT) ~ mean over samples y ~ pi of log pi(y|x) - log pi_SFT(y|x); also per completion token."""
+    """KL(pi || pi_SFT) ~ mean over samples y ~ pi of log pi(y|x) - log pi_SFT(y|x); also per completion token. y is
+    cut at max_new_tokens, so this is the KL of the length-limited distributions (at most the full sequences' KL)."""
     log_ratio = policy_logps - sft_logps
     return log_ratio.mean().item(), (log_ratio.sum() / sum(lengths)).item()
 
@@ -196,8 +225,8 @@ def pair_logps(model, pair_batches):
 def evaluate(path, baseline, sft_model, prompts, prompt_ids, pair_batches, sft_pair_logps, judge, args, device):
     model, tokenizer = load_checkpoint(path)
     model.to(device)
-    completions = sample(model, tokenizer, prompt_ids, args.temperature, args.max_new_tokens, args.batch_size,
-                         args.seed, device)
+    completions = sample(model, prompt_ids, stop_ids(tokenizer, model), args.temperature, args.max_new_tokens,
+                         args.batch_size, args.seed, device)
     texts = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in completions]
     policy_logps = completion_logps(model, prompt_ids, completions, args.batch_size, device)
     sft_logps = completion_logps(sft_model, prompt_ids, completions, args.batch_size, device)
@@ -251,21 +280,26 @@ def main():
     p.add_argument("checkpoints", nargs="+", help="train.py checkpoint folders (out/RUN/step_N) or model names")
     p.add_argument("--baseline", required=True, help="the SFT model: win rates are against it, KL is to it")
     p.add_argument("--prompts", default="demo", help="held-out prompts: demo | hh | tldr | ultrafeedback | PATH.jsonl")
+    p.add_argument("--data_dir", help="an offline copy of the --prompts hub data set, in the hub repository's layout")
     p.add_argument("--judge", default="gold", help="gold | rm:MODEL | llm:URL")
     p.add_argument("--judge_model", default="gpt-4", help="model name sent to the llm judge's endpoint")
     p.add_argument("--judge_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     p.add_argument("--n_prompts", type=int, default=200)
     p.add_argument("--n_pairs", type=int, default=128, help="held-out pairs for the implicit-reward accuracy")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="1: samples from pi itself (the KL needs it); "
+                   "0: greedy")
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out_dir", default="out/eval")
     args = p.parse_args()
+    if args.temperature < 0:
+        p.error(f"--temperature {args.temperature} must be 0 (greedy) or positive")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     tasks = None
-    test_rows = load_rows(args.prompts, "test", skip_bad_rows=True)
+    # held-out pairs drawn at random from the test split (for a JSONL file: from the file; see data.held_out)
+    test_rows = held_out(args.prompts, max(args.n_prompts, args.n_pairs), skip_bad_rows=True, data_dir=args.data_dir)
     if args.prompts == "demo":  # the gold judge's tasks, held out from training
         tasks = [json.loads(line) for line in open(os.path.join(HERE, "data", "demo_prompts_eval.jsonl"))][: args.n_prompts]
         prompts = [t["prompt"] for t in tasks]
@@ -289,8 +323,8 @@ def main():
     pair_batches = [to_device(collate(pairs[i: i + args.batch_size], tokenizer.pad_token_id), device)
                     for i in range(0, len(pairs), args.batch_size)]
     sft_pair_logps = pair_logps(sft_model, pair_batches)  # once, not per checkpoint
-    baseline_ids = sample(sft_model, tokenizer, prompt_ids, args.temperature, args.max_new_tokens, args.batch_size,
-                          args.seed + 1, device)  # a different seed from the policies: two independent samples
+    baseline_ids = sample(sft_model, prompt_ids, stop_ids(tokenizer, sft_model), args.temperature, args.max_new_tokens,
+                          args.batch_size, args.seed + 1, device)  # another seed than the policies': independent
     baseline = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in baseline_ids]
 
     os.makedirs(args.out_dir, exist_ok=True)

@@ -60,6 +60,12 @@ def load_tokenizer(name, log=print):
         log(f"note: {name} has no pad token; padding with eos ({tokenizer.eos_token!r}), always masked out")
     if tokenizer.chat_template is None:
         log(f"note: {name} has no chat template; prompts are rendered as plain text (Human:/Assistant: turns)")
+    else:
+        from data import turn_end  # data.py owns the rendering rules
+        _, _, end = turn_end(tokenizer)
+        if end != tokenizer.eos_token_id:
+            log(f"note: {name}'s chat template ends a turn with {tokenizer.convert_ids_to_tokens(end)!r}, not with its "
+                f"EOS {tokenizer.eos_token!r}: completions end with it, and samples stop at it")
     return tokenizer
 
 

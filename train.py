@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import checkpoint
-from data import DataError, batches, collate, load_rows, to_device, tokenize
+from data import DataError, batches, collate, load_splits, to_device, tokenize
 from losses import dpo_loss, ipo_loss, kto_loss
 from memory import held_bytes, parameters
 from model import DEFAULT_MODEL, load_model, load_tokenizer, sequence_logps
@@ -46,6 +46,8 @@ p.add_argument("--kto_lambda_d", type=float, default=1.0, help="KTO weight of de
 p.add_argument("--kto_lambda_u", type=float, default=1.0, help="KTO weight of undesirable (rejected) examples")
 p.add_argument("--model", default=DEFAULT_MODEL, help="HF id, local folder, config.json, or the built-in default")
 p.add_argument("--dataset", default="demo", help="demo | hh | tldr | ultrafeedback | PATH.jsonl")
+p.add_argument("--data_dir", default=None, help="an offline copy of the hh/tldr/ultrafeedback hub repository (a folder "
+               "in the hub's layout), read instead of the hub")
 p.add_argument("--max_length", type=int, default=512, help="tokens of prompt + completion")
 p.add_argument("--max_prompt_length", type=int, default=256, help="prompt tokens kept when a pair must be cut")
 p.add_argument("--lr", type=float, default=1e-5)
@@ -69,7 +71,8 @@ p.add_argument("--log_interval", type=int, default=4, help="optimizer steps betw
 p.add_argument("--eval_interval", type=int, default=20, help="optimizer steps between evaluations on held-out pairs")
 p.add_argument("--eval_pairs", type=int, default=64, help="held-out pairs for eval and drift from SFT; 0 = no eval")
 p.add_argument("--save_interval", type=int, default=0, help="optimizer steps between checkpoints; 0 = only at the end")
-p.add_argument("--skip_bad_rows", action="store_true", help="leave malformed rows out (counted) instead of stopping")
+p.add_argument("--skip_bad_rows", action="store_true", help="leave malformed rows of a JSONL file out (counted) "
+               "instead of stopping; the hub sets always do")
 p.add_argument("--skip_nonfinite", type=int, default=0, help="skip up to N steps whose loss or gradient is NaN/inf "
                "(counted); 0 = stop at the first, saving the last good state")
 p.add_argument("--dist_timeout", type=int, default=1800, help="seconds a collective may wait for a rank that hangs")
@@ -128,17 +131,18 @@ def log(message):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# data: tokenized once per process; the eval pairs are held out (the dataset's test split)
+# data: rank 0 loads and tokenizes first and caches the tokens; the other ranks then read them from the cache.
+# The eval pairs are held out: drawn at random from the test split (from a JSONL file: from its rows), the same pairs
+# for every run whatever its --seed, so that runs compare on them
 tokenizer = load_tokenizer(args.model, log=log)
-rows = load_rows(args.dataset, "train", args.skip_bad_rows, log)
-if args.eval_pairs == 0:
-    eval_rows = []
-elif args.dataset.endswith(".jsonl"):  # a local file has no test split: hold out its last rows
-    rows, eval_rows = rows[: -args.eval_pairs], rows[-args.eval_pairs:]
-else:
-    eval_rows = load_rows(args.dataset, "test", args.skip_bad_rows, log)[: args.eval_pairs]
+if distributed and not master:
+    dist.barrier()
+rows, eval_rows = load_splits(args.dataset, args.eval_pairs, skip_bad_rows=args.skip_bad_rows, log=log,
+                              data_dir=args.data_dir)
 train_set = tokenize(rows, tokenizer, args.max_length, args.max_prompt_length, log=log)
-eval_set = tokenize(eval_rows, tokenizer, args.max_length, args.max_prompt_length, log=log) if eval_rows else []
+eval_set = tokenize(eval_rows, tokenizer, args.max_length, args.max_prompt_length, log=log)
+if distributed and master:
+    dist.barrier()
 steps_per_epoch = len(train_set) // args.batch_size
 if steps_per_epoch == 0:
     raise DataError(f"{len(train_set)} training pairs cannot fill one batch of --batch_size {args.batch_size}")

@@ -1,4 +1,5 @@
 """Pair-consistent tokenization and truncation, the dataset conversions, batches and their masks."""
+import copy
 import subprocess
 import sys
 
@@ -6,12 +7,27 @@ import pytest
 import torch
 
 from conftest import PAIRS, ROOT, TINY
-from data import DataError, batches, collate, encode, hh_row, load_rows, normalize, plain_prompt, tokenize, truncate
+from data import (DataError, batches, collate, encode, hh_row, load_rows, load_splits, normalize, plain_prompt,
+                  tokenize)
+from families import BEGIN_OF_TEXT, EOT_ID, tokenizer_of
 
 HH_CHOSEN = ("\n\nHuman: What is a good name for a cat?\n\nAssistant: Whiskers is popular.\n\nHuman: Another one?"
              "\n\nAssistant: How about Mittens?")
 HH_REJECTED = ("\n\nHuman: What is a good name for a cat?\n\nAssistant: Whiskers is popular.\n\nHuman: Another one?"
                "\n\nAssistant: No.")
+SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+quiet = dict(log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def llama3_tokenizer(chat_tokenizer):
+    """Llama-3's chat template (a BOS, <|start_header_id|> headers, turns ended by <|eot_id|>), on SmolLM2's vocabulary
+    with Llama-3's pre-tokenizer."""
+    return tokenizer_of("llama", chat_tokenizer)
+
+
+def ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def test_hh_prompt_is_the_shared_dialogue_and_completions_the_last_answers():
@@ -33,38 +49,245 @@ def test_hh_without_chat_template_renders_the_original_text(plain_tokenizer):
 def test_ultrafeedback_messages_become_prompt_and_last_answers():
     row = normalize({"prompt": "hi", "chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}],
                      "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Go away."}]})
-    assert row == {"prompt": "hi", "chosen": "Hello!", "rejected": "Go away."}
+    assert row == {"prompt": [{"role": "user", "content": "hi"}], "chosen": "Hello!", "rejected": "Go away."}
     implicit = normalize({"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "A"}],
                           "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "B"}]})
     assert implicit["prompt"] == [{"role": "user", "content": "hi"}]
 
 
-@pytest.mark.parametrize("which", ["chat_tokenizer", "plain_tokenizer"])
-def test_chosen_and_rejected_share_identical_prompt_ids_after_truncation(which, request):
+def test_the_messages_before_the_final_answers_are_the_prompt_system_and_earlier_turns_included():
+    earlier = [{"role": "system", "content": "You are a translator."},
+               {"role": "user", "content": "Translate 'good morning' to German."},
+               {"role": "assistant", "content": "Guten Morgen."},
+               {"role": "user", "content": "And in French?"}]
+    row = normalize({"prompt": "And in French?", "chosen": earlier + [{"role": "assistant", "content": "Bonjour."}],
+                     "rejected": earlier + [{"role": "assistant", "content": "Bonsoir."}]})
+    assert row == {"prompt": earlier, "chosen": "Bonjour.", "rejected": "Bonsoir."}
+
+
+@pytest.mark.parametrize("row, problem", [
+    ({"prompt": "And in Spanish?", "chosen": [{"role": "user", "content": "And in French?"},
+                                               {"role": "assistant", "content": "Bonjour."}],
+      "rejected": [{"role": "user", "content": "And in French?"}, {"role": "assistant", "content": "Bonsoir."}]},
+     "is not the last user message"),
+    ({"prompt": "Hi", "chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+      "rejected": [{"role": "user", "content": "Hey"}, {"role": "assistant", "content": "Go."}]},
+     "differ before their final answers"),
+    ({"prompt": "Hi", "chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+      "rejected": "Go."}, "both be text or both be lists"),
+])
+def test_a_prompt_that_disagrees_with_the_messages_is_a_bad_row(row, problem):
+    with pytest.raises(ValueError, match=problem):
+        normalize(row)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# how prompts are rendered, and what a completion ends with
+
+
+def test_a_text_prompt_without_a_template_is_continued_as_written(plain_tokenizer):
+    prompt = "SUBREDDIT: r/cats\n\nTITLE: My cat ignores me\n\nPOST: She only comes when I open a can.\n\nTL;DR:"
+    prompt_ids, chosen_ids = encode(plain_tokenizer, prompt, " Cat only loves me for food.")
+    assert plain_tokenizer.decode(prompt_ids) == prompt
+    assert plain_tokenizer.decode(chosen_ids) == " Cat only loves me for food.<|im_end|>"  # this tokenizer's EOS
+
+
+def test_a_conversation_gets_human_and_assistant_turns_without_a_template(plain_tokenizer):
+    row = normalize({"prompt": "Write a haiku about rain.",
+                     "chosen": [{"role": "user", "content": "Write a haiku about rain."},
+                                {"role": "assistant", "content": "Soft rain on the roof."}],
+                     "rejected": [{"role": "user", "content": "Write a haiku about rain."},
+                                  {"role": "assistant", "content": "Rain is water."}]})
+    prompt_ids, chosen_ids = encode(plain_tokenizer, row["prompt"], row["chosen"])
+    assert plain_tokenizer.decode(prompt_ids) == "\n\nHuman: Write a haiku about rain.\n\nAssistant:"
+    assert plain_tokenizer.decode(chosen_ids) == " Soft rain on the roof.<|im_end|>"
+
+
+def test_with_chatml_a_completion_ends_with_im_end_not_with_the_newline_after_it(chat_tokenizer):
+    prompt_ids, completion_ids = encode(chat_tokenizer, "hi", "Hello!")
+    assert chat_tokenizer.decode(prompt_ids) == SMOL_SYSTEM + "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert completion_ids == ids(chat_tokenizer, "Hello!") + [2]  # <|im_end|>; the template's "\n" is the next turn's
+
+
+def test_with_llama3_a_completion_ends_with_eot_id_and_the_prompt_has_one_bos(llama3_tokenizer):
+    prompt_ids, completion_ids = encode(llama3_tokenizer, "hi", "Hello!")
+    assert llama3_tokenizer.decode(prompt_ids) == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi"
+                                                   "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert prompt_ids.count(BEGIN_OF_TEXT) == 1 and prompt_ids[0] == BEGIN_OF_TEXT
+    assert completion_ids == ids(llama3_tokenizer, "Hello!") + [EOT_ID]  # <|eot_id|>, not the EOS <|end_of_text|>
+
+
+def test_an_answer_that_merges_with_the_end_of_the_prompt_is_tokenized_alone(chat_tokenizer, llama3_tokenizer):
+    # Llama-3's template on SmolLM2's own pre-tokenizer: "\n\n" alone is one token, but two when "Hello" follows
+    tokenizer = copy.deepcopy(llama3_tokenizer)
+    tokenizer.backend_tokenizer.pre_tokenizer = chat_tokenizer.backend_tokenizer.pre_tokenizer
+    messages = [{"role": "user", "content": "hi"}]
+    generation_prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+    joint = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": "Hello!"}], tokenize=True)
+    assert joint["input_ids"][: len(generation_prompt)] != generation_prompt  # the joint ids cannot be sliced
+    prompt_ids, completion_ids = encode(tokenizer, "hi", "Hello!")
+    assert prompt_ids == generation_prompt  # the ids sampling will see
+    assert completion_ids == ids(tokenizer, "Hello!") + [EOT_ID]  # the answer from its text, then the end of turn
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# truncation at turn boundaries
+
+SYSTEM = {"role": "system", "content": "You answer in one short sentence."}
+EXCHANGES = [{"role": "user", "content": "Name a fruit that is yellow."},
+             {"role": "assistant", "content": "A banana is yellow."},
+             {"role": "user", "content": "And one that is green?"},
+             {"role": "assistant", "content": "A lime is green."},
+             {"role": "user", "content": "And one that is red?"}]
+FRUIT = {"prompt": [SYSTEM] + EXCHANGES, "chosen": "An apple is red.", "rejected": "A cherry."}
+# the prompts a reader expects when the oldest exchange goes (max_length 64) and when only the last question stays (36)
+CHATML_CUT = {64: "<|im_start|>system\nYou answer in one short sentence.<|im_end|>\n<|im_start|>user\nAnd one that is "
+                  "green?<|im_end|>\n<|im_start|>assistant\nA lime is green.<|im_end|>\n<|im_start|>user\nAnd one that "
+                  "is red?<|im_end|>\n<|im_start|>assistant\n",
+              36: "<|im_start|>system\nYou answer in one short sentence.<|im_end|>\n<|im_start|>user\nAnd one that is "
+                  "red?<|im_end|>\n<|im_start|>assistant\n"}
+LLAMA3_CUT = {64: "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou answer in one short sentence."
+                  "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nAnd one that is green?<|eot_id|>"
+                  "<|start_header_id|>assistant<|end_header_id|>\n\nA lime is green.<|eot_id|><|start_header_id|>user"
+                  "<|end_header_id|>\n\nAnd one that is red?<|eot_id|><|start_header_id|>assistant"
+                  "<|end_header_id|>\n\n",
+              36: "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou answer in one short sentence."
+                  "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nAnd one that is red?<|eot_id|>"
+                  "<|start_header_id|>assistant<|end_header_id|>\n\n"}
+PLAIN_CUT = {64: "\n\nSystem: You answer in one short sentence.\n\nHuman: And one that is green?\n\nAssistant: A "
+                 "lime is green.\n\nHuman: And one that is red?\n\nAssistant:",
+             36: "\n\nSystem: You answer in one short sentence.\n\nHuman: And one that is red?\n\nAssistant:"}
+
+
+@pytest.mark.parametrize("which, expected", [("chat_tokenizer", CHATML_CUT), ("llama3_tokenizer", LLAMA3_CUT),
+                                             ("plain_tokenizer", PLAIN_CUT)])
+@pytest.mark.parametrize("max_length", [64, 36])
+def test_a_long_conversation_loses_its_oldest_exchanges_and_keeps_the_system_message_and_last_question(
+        which, expected, max_length, request):
     tokenizer = request.getfixturevalue(which)
-    long_prompt = "Tell me about the sea. " * 40
-    rows = [{"prompt": long_prompt, "chosen": "The sea is big and blue. " * 10, "rejected": "No."}]
-    examples = tokenize(rows, tokenizer, max_length=64, max_prompt_length=32, log=lambda m: None)
+    messages = []
+    examples = tokenize([FRUIT], tokenizer, max_length, 30, log=messages.append)
     e = examples[0]
-    assert len(e["prompt"]) + len(e["chosen"]) <= 64 and len(e["prompt"]) + len(e["rejected"]) <= 64
-    # both sides were built from one prompt: check against an independent re-encoding of each side
-    full_prompt, chosen_ids = encode(tokenizer, long_prompt, rows[0]["chosen"])
-    _, rejected_ids = encode(tokenizer, long_prompt, rows[0]["rejected"])
-    assert e["prompt"].tolist() == full_prompt[-len(e["prompt"]):]  # cut from the left: the end of the prompt stays
-    assert e["chosen"].tolist() == chosen_ids[: len(e["chosen"])]  # cut from the right: the start of the answer stays
-    assert e["rejected"].tolist() == rejected_ids  # short enough to stay whole, end-of-turn included
+    assert tokenizer.decode(e["prompt"]) == expected[max_length]
+    end = EOT_ID if which == "llama3_tokenizer" else 2  # <|eot_id|>; ChatML's <|im_end|> is also the plain EOS
+    space = " " if which == "plain_tokenizer" else ""
+    assert e["chosen"].tolist() == ids(tokenizer, space + "An apple is red.") + [end]  # completions stay whole
+    assert e["rejected"].tolist() == ids(tokenizer, space + "A cherry.") + [end]
+    assert len(e["prompt"]) + len(e["chosen"]) <= max_length
+    assert "prompt turns dropped 1, prompt text cut 0, completion cut 0" in messages[-1]
 
 
-def test_truncation_never_writes_eos_into_a_cut_completion():
-    eos = 2
-    p, c, r = truncate(list(range(10, 30)), list(range(100, 140)) + [eos], [200, 201, eos], max_length=32,
-                       max_prompt_length=8)
-    assert p == list(range(22, 30)) and c == list(range(100, 124)) and r == [200, 201, eos]
-    assert eos not in c
+STORY = "Once upon a time a dragon learned to bake bread in a small village by the sea, and everyone came to taste it. "
 
 
-def test_pairs_that_fit_are_left_alone():
-    assert truncate([1, 2], [3, 4], [5], max_length=4, max_prompt_length=1) == ([1, 2], [3, 4], [5])
+@pytest.mark.parametrize("which, head, tail", [
+    ("chat_tokenizer", SMOL_SYSTEM + "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"),
+    ("llama3_tokenizer", "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n",
+     "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"),
+    ("plain_tokenizer", "", ""),  # a text prompt without a template is raw text: its end stays
+])
+def test_a_question_too_long_by_itself_is_cut_from_its_start_inside_the_template(which, head, tail, request):
+    tokenizer = request.getfixturevalue(which)
+    messages = []
+    e = tokenize([{"prompt": STORY * 3, "chosen": "Bread!", "rejected": "No."}], tokenizer, 64, 50,
+                 log=messages.append)[0]
+    text = tokenizer.decode(e["prompt"])
+    assert text.startswith(head) and text.endswith(tail)  # the issue's case: the left cut lost both
+    question = text[len(head): len(text) - len(tail)]
+    assert (STORY * 3).strip().endswith(question.strip()) and len(question) < len(STORY * 3) and "taste it" in question
+    assert 50 <= len(e["prompt"]) <= 64 - len(e["chosen"])  # as long as the completions leave room for
+    assert "prompt turns dropped 0, prompt text cut 1" in messages[-1]
+
+
+@pytest.mark.parametrize("which, head, tail", [
+    ("chat_tokenizer", SMOL_SYSTEM + "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"),
+    ("plain_tokenizer", "", "")])
+def test_chosen_and_rejected_share_identical_prompt_ids_after_truncation(which, head, tail, request):
+    tokenizer = request.getfixturevalue(which)
+    rows = [{"prompt": "Tell me about the sea. " * 40, "chosen": "The sea is big and blue. " * 10, "rejected": "No."}]
+    e = tokenize(rows, tokenizer, max_length=96, max_prompt_length=64, **quiet)[0]
+    assert len(e["prompt"]) + len(e["chosen"]) <= 96 and len(e["prompt"]) + len(e["rejected"]) <= 96
+    text = tokenizer.decode(e["prompt"])
+    question = text[len(head): len(text) - len(tail)]  # what is left of the question
+    for side in ("chosen", "rejected"):  # each side encoded alone after that question: the very same prompt ids
+        prompt_ids, completion_ids = encode(tokenizer, question, rows[0][side])
+        assert prompt_ids == e["prompt"].tolist()
+        assert e[side].tolist() == completion_ids[: len(e[side])]
+    assert e["rejected"].tolist() == completion_ids  # short enough to stay whole, end of turn included
+
+
+def test_a_cut_completion_keeps_its_start_and_gets_no_end_token(chat_tokenizer):
+    answer = "The answer is four, because two plus two makes four, as everyone learns in school."
+    e = tokenize([{"prompt": "What is 2 + 2?", "chosen": answer, "rejected": "Four."}], chat_tokenizer, 48, 40,
+                 **quiet)[0]
+    room = 48 - len(e["prompt"])
+    assert e["chosen"].tolist() == ids(chat_tokenizer, answer)[:room]  # its start; no <|im_end|> written into it
+    assert e["rejected"].tolist() == ids(chat_tokenizer, "Four.") + [2]  # short enough to stay whole, end included
+
+
+def test_pairs_that_fit_are_left_alone(chat_tokenizer):
+    e = tokenize([{"prompt": "hi", "chosen": "Hello!", "rejected": "Go."}], chat_tokenizer, 64, 48, **quiet)[0]
+    assert chat_tokenizer.decode(e["prompt"]) == SMOL_SYSTEM + "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert e["chosen"].tolist() == ids(chat_tokenizer, "Hello!") + [2]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the tokenization cache
+
+
+def test_a_second_tokenization_reads_the_cache_and_gives_the_same_examples(chat_tokenizer, tmp_path):
+    rows = load_rows(PAIRS)
+    first, second = [], []
+    a = tokenize(rows, chat_tokenizer, 64, 48, log=first.append, cache_dir=tmp_path)
+    b = tokenize(rows, chat_tokenizer, 64, 48, log=second.append, cache_dir=tmp_path)
+    assert "in 1 process, cached in" in first[0] and "read from the cache" in second[0]
+    assert " s (" in second[0]  # the time it took
+    assert [(e["row"], e["prompt"].tolist(), e["chosen"].tolist(), e["rejected"].tolist()) for e in a] == \
+        [(e["row"], e["prompt"].tolist(), e["chosen"].tolist(), e["rejected"].tolist()) for e in b]
+
+
+def test_the_cache_is_not_used_when_rows_lengths_tokenizer_or_template_change(chat_tokenizer, plain_tokenizer,
+                                                                              tmp_path):
+    rows = load_rows(PAIRS)
+    tokenize(rows, chat_tokenizer, 64, 48, cache_dir=tmp_path, **quiet)
+    other_template = copy.deepcopy(chat_tokenizer)
+    other_template.chat_template = chat_tokenizer.chat_template.replace("You are a helpful", "You are a kind")
+    other_rows = rows[:-1] + [{**rows[-1], "chosen": rows[-1]["chosen"] + "!"}]
+    for args in [(rows, chat_tokenizer, 64, 40), (rows, chat_tokenizer, 96, 48), (other_rows, chat_tokenizer, 64, 48),
+                 (rows, plain_tokenizer, 64, 48), (rows, other_template, 64, 48)]:
+        messages = []
+        tokenize(*args, log=messages.append, cache_dir=tmp_path)
+        assert "cached in" in messages[0], args[2:]
+
+
+def test_two_processes_tokenize_exactly_like_one(chat_tokenizer, tmp_path):
+    rows = load_rows(PAIRS) + [FRUIT]  # one with turns to drop
+    one = tokenize(rows, chat_tokenizer, 64, 30, cache_dir=tmp_path / "one", **quiet)
+    messages = []
+    two = tokenize(rows, chat_tokenizer, 64, 30, log=messages.append, cache_dir=tmp_path / "two", processes=2)
+    assert "in 2 processes" in messages[0]
+    assert [(e["row"], e["prompt"].tolist(), e["chosen"].tolist()) for e in one] == \
+        [(e["row"], e["prompt"].tolist(), e["chosen"].tolist()) for e in two]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rows of a user's file, and its held-out pairs
+
+
+def test_a_jsonl_file_holds_out_a_random_sample_of_its_rows_and_trains_on_the_rest():
+    rows = load_rows(PAIRS)
+    train, held = load_splits(PAIRS, 8, **quiet)
+    assert len(held) == 8 and len(train) == 33
+    assert sorted(r["where"] for r in train + held) == sorted(r["where"] for r in rows)  # disjoint, nothing lost
+    assert [r["where"] for r in held] != [r["where"] for r in rows[-8:]]  # not the file's last rows
+    assert [r["where"] for r in load_splits(PAIRS, 8, **quiet)[1]] == [r["where"] for r in held]  # every rank alike
+
+
+def test_eval_pairs_0_holds_out_nothing_and_keeps_every_row_for_training():
+    train, held = load_splits(PAIRS, 0, **quiet)
+    assert held == [] and len(train) == 41
+    with pytest.raises(DataError, match="would hold out all 41 pairs"):
+        load_splits(PAIRS, 41, **quiet)
 
 
 BAD_LINES = [

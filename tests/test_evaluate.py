@@ -4,13 +4,16 @@ import json
 import math
 import threading
 import types
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from evaluate import completion_logps, criteria_means, gold_judge, kl_estimate, llm_judge, sample, win_rate
+from data import encode
+from evaluate import completion_logps, criteria_means, gold_judge, kl_estimate, llm_judge, sample, stop_ids, win_rate
+from families import END_OF_TEXT, ENDOFTEXT, EOT_ID, IM_END, generation_config_of, tokenizer_of
 
 
 def test_win_rate_counts_ties_and_order_disagreements_as_half():
@@ -26,35 +29,100 @@ def test_a_judge_that_always_prefers_position_a_gives_exactly_one_half():
     assert win_rate([(1, 1)] * 10)[0] == 0.5
 
 
-def tiny_lm(seed):
-    config = LlamaConfig(vocab_size=4, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=2, max_position_embeddings=16, bos_token_id=None, eos_token_id=None,
-                         pad_token_id=None)
+def tiny_lm(seed, vocab_size=4, sharpness=20):
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16, bos_token_id=None,
+                         eos_token_id=None, pad_token_id=None)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).double().eval()
     with torch.no_grad():
         for p in model.parameters():
-            p.mul_(20)  # sharper distributions, so that the two models differ clearly
+            p.mul_(sharpness)  # sharper distributions, so that the two models differ clearly
     return model
 
 
-def test_kl_estimate_on_policy_samples_matches_exact_enumeration():
+def test_kl_estimate_on_policy_samples_matches_exact_enumeration_whatever_the_generation_config_says():
     policy, sft = tiny_lm(0), tiny_lm(1)
+    # what Qwen2.5-Instruct's generation_config adds to `generate`, and an n-gram ban: samples from pi see none of it
+    policy.generation_config.update(repetition_penalty=1.05, no_repeat_ngram_size=2, temperature=0.7, top_p=0.8,
+                                    top_k=20)
     prompt = [1, 2]
     every = [list(y) for y in itertools.product(range(4), repeat=3)]  # all 64 completions of length 3
     lp = completion_logps(policy, [prompt] * 64, every, 64, "cpu")
     lq = completion_logps(sft, [prompt] * 64, every, 64, "cpu")
     assert lp.exp().sum().item() == pytest.approx(1.0, abs=1e-9)  # the log-probs form a distribution
     exact = (lp.exp() * (lp - lq)).sum().item()
-    stub = types.SimpleNamespace(eos_token_id=None, pad_token_id=0)  # no EOS: every sample has 3 tokens
-    samples = sample(policy, stub, [prompt] * 4000, 1.0, 3, 1000, 0, "cpu")
+    samples = sample(policy, [prompt] * 4000, set(), 1.0, 3, 1000, 0, "cpu")  # no stop token: 3 tokens each
     assert all(len(s) == 3 for s in samples)
+    counts = Counter(tuple(s) for s in samples)
+    for y, logp in zip(every, lp.tolist()):  # each completion as often as pi says, within 5 standard deviations
+        p = math.exp(logp)
+        assert abs(counts[tuple(y)] - 4000 * p) <= 5 * math.sqrt(4000 * p * (1 - p)) + 1, (y, counts[tuple(y)], p)
     ps = completion_logps(policy, [prompt] * 4000, samples, 1000, "cpu")
     qs = completion_logps(sft, [prompt] * 4000, samples, 1000, "cpu")
     kl_seq, kl_token = kl_estimate(ps, qs, [3] * 4000)
     se = (ps - qs).std().item() / math.sqrt(4000)
     assert abs(kl_seq - exact) < 4 * se and exact > 0.5
     assert kl_token == pytest.approx(kl_seq / 3)
+
+
+def test_samples_stop_at_an_eos_whose_id_is_0_and_the_kl_is_that_of_the_length_limited_distribution():
+    policy, sft = tiny_lm(0, sharpness=5), tiny_lm(1, sharpness=5)
+    prompt, eos = [3, 1], 0  # Pythia's EOS id
+    # every completion of at most 3 tokens that ends at its first EOS, or has 3 tokens and no EOS
+    every = [list(y) for n in (1, 2, 3) for y in itertools.product(range(4), repeat=n)
+             if eos not in y[:-1] and (n == 3 or y[-1] == eos)]
+    lp = completion_logps(policy, [prompt] * len(every), every, 64, "cpu")
+    lq = completion_logps(sft, [prompt] * len(every), every, 64, "cpu")
+    assert lp.exp().sum().item() == pytest.approx(1.0, abs=1e-9)  # they are the whole length-limited distribution
+    exact_kl = (lp.exp() * (lp - lq)).sum().item()
+    exact_length = sum(math.exp(l) * len(y) for l, y in zip(lp.tolist(), every))
+    samples = sample(policy, [prompt] * 4000, {eos}, 1.0, 3, 1000, 0, "cpu")
+    assert all(eos not in s[:-1] and (len(s) == 3 or s[-1] == eos) for s in samples)  # cut at EOS, which is kept
+    lengths = torch.tensor([len(s) for s in samples], dtype=torch.float64)
+    assert 0.2 < (lengths < 3).double().mean() < 0.8  # a real share of samples ends early
+    assert abs(lengths.mean().item() - exact_length) < 4 * lengths.std().item() / math.sqrt(4000)
+    ps = completion_logps(policy, [prompt] * 4000, samples, 1000, "cpu")
+    qs = completion_logps(sft, [prompt] * 4000, samples, 1000, "cpu")
+    kl_seq, _ = kl_estimate(ps, qs, lengths.tolist())
+    assert abs(kl_seq - exact_kl) < 4 * (ps - qs).std().item() / math.sqrt(4000)
+
+
+def draw_by_hand(model, prompts, stop, steps, seed):
+    """What `sample` must draw, computed the plain way: each prompt unpadded, its whole sequence recomputed every step,
+    one multinomial call per step on the (B, V) probabilities (as `sample` makes it); finished rows draw on,
+    unrecorded."""
+    generator, sequences = torch.Generator().manual_seed(seed), [list(p) for p in prompts]
+    drawn, done = [[] for _ in prompts], [False] * len(prompts)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = torch.stack([model(torch.tensor([s])).logits[0, -1].float() for s in sequences])
+            tokens = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1).tolist()
+            for i, t in enumerate(tokens):
+                sequences[i].append(t)
+                if not done[i]:
+                    drawn[i].append(t)
+                    done[i] = t in stop
+            if all(done):
+                break
+    return drawn
+
+
+def test_left_padded_batched_sampling_with_a_cache_draws_what_one_prompt_at_a_time_without_cache_draws():
+    model = tiny_lm(2, vocab_size=32)
+    prompts, stop = [[5], [3, 9, 4, 7, 1], [8, 8, 2]], {0, 31}
+    assert sample(model, prompts, stop, 1.0, 6, 3, 7, "cpu") == draw_by_hand(model, prompts, stop, 6, 7)
+
+
+@pytest.mark.parametrize("family, expected", [("pythia", {0}), ("llama", {EOT_ID, END_OF_TEXT}),
+                                              ("qwen2", {IM_END, ENDOFTEXT})])
+def test_sampling_stops_at_the_end_of_turn_training_puts_after_every_answer_and_at_every_eos(family, expected,
+                                                                                              chat_tokenizer):
+    tokenizer = tokenizer_of(family, chat_tokenizer)
+    model = types.SimpleNamespace(generation_config=generation_config_of(family))
+    assert stop_ids(tokenizer, model) == expected  # Pythia's EOS 0 included; Llama-3's <|eot_id|> from its template
+    _, completion = encode(tokenizer, "hi", "Hello!")
+    assert completion[-1] in expected
 
 
 def test_gold_judge_prefers_the_correct_answer_in_both_orders():
