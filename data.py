@@ -593,13 +593,17 @@ def inspect(args):
         q = torch.quantile(lengths, torch.tensor([0.5, 0.9, 0.99])).tolist()
         print(f"{name:>8} tokens: mean {lengths.mean():.0f}  p50 {q[0]:.0f}  p90 {q[1]:.0f}  p99 {q[2]:.0f}  "
               f"max {lengths.max():.0f}")
+    if len(examples) < args.batch_size:
+        print(f"note: {len(examples)} pair(s) cannot fill one batch of --batch_size {args.batch_size}: train.py needs "
+              f"at least that many")
     padding = {}
     for group_size in (0, args.batch_size):  # share of padded positions in the micro-batches of one epoch
         shapes = [collate(b, 0)["attention_mask"]
                   for b in batches(examples, args.micro_batch_size, 0, 1, seed=0, epoch=0, group_size=group_size)]
-        padding[group_size] = 1 - sum(int(m.sum()) for m in shapes) / sum(m.numel() for m in shapes)
-    print(f"padding in micro-batches of {args.micro_batch_size} pairs: {padding[0]:.1%} of positions, "
-          f"{padding[args.batch_size]:.1%} with --group_by_length (global batch {args.batch_size})")
+        positions = sum(m.numel() for m in shapes)
+        padding[group_size] = f"{1 - sum(int(m.sum()) for m in shapes) / positions:.1%}" if positions else "n/a"
+    print(f"padding in micro-batches of {args.micro_batch_size} pairs: {padding[0]} of positions, "
+          f"{padding[args.batch_size]} with --group_by_length (global batch {args.batch_size})")
     e = examples[0]
     print(f"\nrow {e['row']} as the model sees it (completion between ⟦ ⟧):")
     print(tokenizer.decode(e["prompt"]) + "⟦" + tokenizer.decode(e["chosen"]) + "⟧   <- chosen")

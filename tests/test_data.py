@@ -415,3 +415,18 @@ def test_inspector_lists_every_bad_row_and_the_padding(tmp_path):
     assert out.returncode == 0, log
     assert "bad.jsonl:42: missing field(s) rejected" in log and "bad.jsonl:43: not valid JSON" in log
     assert "tokenized 41 of 41 pairs" in log and "with --group_by_length (global batch 8)" in log
+
+
+@pytest.mark.parametrize("content, says", [
+    ('{"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}\n', "1 pair(s) cannot fill one batch"),
+    ("", "no usable rows"),
+    ('null\n"text"\n[1, 2]\n{"prompt": 5, "chosen": {}, "rejected": []}\n', "no usable rows"),
+    (b"\xff\xfe\x00garbage\n", "not valid UTF-8"),
+])
+def test_inspector_never_shows_a_traceback_whatever_the_file(content, says, tmp_path):
+    path = tmp_path / "file.jsonl"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    out = subprocess.run([sys.executable, "data.py", str(path), "--model", TINY], capture_output=True, text=True,
+                         cwd=ROOT)
+    log = out.stdout + out.stderr
+    assert "Traceback" not in log and says in log, log
