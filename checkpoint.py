@@ -19,6 +19,8 @@ import shutil
 import torch
 import torch.distributed as dist
 
+from model import load_model
+
 # the arguments that make a run what it is: resuming with another value would silently be another experiment
 RUN_KEYS = ("method", "model", "dataset", "batch_size", "alpha", "tau", "beta", "ipo_average", "kto_lambda_d",
             "kto_lambda_u", "max_length", "max_prompt_length", "seed", "group_by_length", "lr", "schedule",
@@ -97,7 +99,7 @@ def sharded_state(policy, reference, optimizer):
             **({"reference": get_model_state_dict(reference)} if reference is not None else {})}
 
 
-def load(folder, policy, reference, optimizer, fsdp, run, load_policy):
+def load(folder, policy, reference, optimizer, fsdp, run):
     """Restore policy, the moved reference, optimizer and RNG states from `folder`; return its progress counters.
     state.pt is read into CPU memory (map_location): else every rank would put its tensors on the GPU that saved them,
     cuda:0. It is dropped once restored, so that no second copy of the optimizer or reference stays behind."""
@@ -118,7 +120,7 @@ def load(folder, policy, reference, optimizer, fsdp, run, load_policy):
     else:
         if state["optimizer"] is None:
             raise SystemExit(f"error: {folder} was saved with --fsdp; resume it with --fsdp")
-        policy.load_state_dict(load_policy(os.path.join(folder, "policy")).state_dict())
+        policy.load_state_dict(load_model(os.path.join(folder, "policy")).state_dict())
         optimizer.load_state_dict(state.pop("optimizer"))  # moved to the parameters' device
         if moving:
             reference.load_state_dict(state.pop("reference"))  # the reference the run had, not the SFT model

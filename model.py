@@ -5,7 +5,7 @@
     as a GGUF file. The first load dequantizes it (~20 s) and caches plain safetensors under $TRDPO_CACHE
     (default ~/.cache/trdpo), so later loads take a fraction of a second. No hub download.
   - a path to a `config.json`: a randomly initialised model of that shape (tests, benchmarks), with the default
-    model's tokenizer unless `--tokenizer` says otherwise.
+    model's tokenizer (for another tokenizer, save the model in a folder with it).
   - anything `from_pretrained` accepts: a Hugging Face id (`EleutherAI/pythia-2.8b`) or a local folder.
 """
 import importlib.util

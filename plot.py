@@ -6,9 +6,10 @@
 Five panels against the optimizer step: the training loss, the implicit-reward margin and accuracy of the training
 batches (against the reference each step trained with), the held-out reward accuracy (solid: against the moving
 reference; dashed: against the SFT model), and the held-out drift from the SFT model, mean log pi - log pi_SFT
-(solid: chosen; dashed: rejected). Dotted vertical lines mark the reference updates of runs that update every tau > 1
-steps; a soft update every step would mark every step, so the legend says it instead. After a hard copy the
-reference is the policy: the next batches start at margin 0 and loss log 2, hence the saw-tooth.
+(solid: chosen; dashed: rejected), each at the steps it was measured (--eval_interval). Dotted vertical lines mark
+the reference updates of runs that update every tau > 1 steps; a soft update every step would mark every step, so
+the legend says it instead. After a hard copy the reference is the policy: the next batches start at margin 0 and
+loss log 2, hence the saw-tooth.
 """
 import argparse
 import json
@@ -62,12 +63,16 @@ def plot(folders, out):
         args, records = read_run(folder)
         color = f"C{i}"
         steps = [r["step"] for r in records]
+        evaluations = {r.get("eval/step", r["step"]): r for r in records}  # each evaluation once, at its own step
         for ax, (_, title, series) in zip(axes, PANELS):
             for key, style in series:
-                if key in records[0]:  # SFT has no rewards; --eval_pairs 0 has no held-out metrics
-                    held_out = key.startswith(("eval/", "drift/"))  # from the latest evaluation: a step function
-                    ax.plot(steps, [r[key] for r in records], style, color=color,
-                            drawstyle="steps-post" if held_out else "default")
+                if key not in records[0]:  # SFT has no rewards; --eval_pairs 0 has no held-out metrics
+                    continue
+                if key.startswith(("eval/", "drift/")):  # a log line repeats the latest evaluation: plot each once
+                    ax.plot(list(evaluations), [r[key] for r in evaluations.values()], style, color=color, marker="o",
+                            markersize=3)
+                else:
+                    ax.plot(steps, [r[key] for r in records], style, color=color)
             for s in reference_updates(args, steps[-1]):
                 ax.axvline(s, color=color, linestyle=":", linewidth=0.8)
             ax.set_title(title, fontsize=9)

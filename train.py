@@ -201,7 +201,7 @@ run = {**vars(args), "alpha": alpha if moving_reference else None, "tau": tau if
 progress = {"step": 0, "ref_updates": 0, "epoch": 0, "pairs_seen": 0, "skipped_steps": 0}
 if resume_from:
     log(f"resuming from {resume_from}")
-    progress = checkpoint.load(resume_from, policy, reference, optimizer, args.fsdp, run, load_model)
+    progress = checkpoint.load(resume_from, policy, reference, optimizer, args.fsdp, run)
 step, ref_updates, epoch, skipped = (progress[k] for k in ("step", "ref_updates", "epoch", "skipped_steps"))
 micro_step = progress["pairs_seen"] // (args.micro_batch_size * world_size)  # the data position, on any world size
 start_step = step
@@ -272,7 +272,7 @@ def evaluate():
         for k, v in m.items():
             sums[k] = sums.get(k, 0) + (v.double() * w).sum()  # padding copies weigh 0
     totals = all_reduce_sum(torch.stack(list(sums.values()))).tolist()  # one read for the whole evaluation
-    return {k: v / len(eval_set) for k, v in zip(sums, totals)}
+    return {"eval/step": step, **{k: v / len(eval_set) for k, v in zip(sums, totals)}}
 
 
 # ----------------------------------------------------------------------------------------------------------------
