@@ -84,6 +84,7 @@ def plot(folders, out):
         ax.set_xlabel("optimizer step", fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     fig.savefig(out, dpi=110)
     return out
 

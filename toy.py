@@ -24,6 +24,7 @@ maximum likelihood on the same N_SFT sequences; --sweep runs widths 2, 4, 8 x se
 import argparse
 import copy
 import itertools
+import os
 import statistics
 import time
 
@@ -269,5 +270,6 @@ if __name__ == "__main__":
     fig.suptitle(f"Toy example: 64 sequences, {policy}, exact probabilities (seed {args.seed}, beta {args.beta}, "
                  f"Adam lr {lr})")
     fig.tight_layout()
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     fig.savefig(args.out, dpi=90)
     print(f"wrote {args.out} in {time.time() - t0:.1f} s")
