@@ -14,7 +14,6 @@ Naming trap: in RL code (cleanrl, DDPG) `tau` is the mixing weight; in this pape
 the weight. alpha is the weight of the *policy*.
 """
 import torch
-from torch.distributed.tensor import DTensor
 
 
 def should_update(step, tau):
@@ -23,8 +22,8 @@ def should_update(step, tau):
 
 
 def local(t):
-    """This rank's piece of a parameter: an FSDP2 parameter is a DTensor, whose shard is a plain tensor."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    """This rank's piece of a parameter: an FSDP2 parameter is a DTensor, whose shard .to_local() gives."""
+    return t.to_local() if hasattr(t, "to_local") else t  # (no DTensor import: 0.5 s at every start of a DDP run)
 
 
 @torch.no_grad()

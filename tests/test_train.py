@@ -25,6 +25,23 @@ def train(out_dir, *flags, nproc=1):
     return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))], result.stdout + result.stderr
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """shared(*flags, nproc=1) -> (records, log, out_dir): a run that several tests read, made once per module.
+    Tests must not write into its folder; a test that resumes or overwrites trains into its own tmp_path."""
+    done = {}
+
+    def get(*flags, nproc=1):
+        if (flags, nproc) not in done:
+            out = tmp_path_factory.mktemp("shared")
+            done[flags, nproc] = (*train(out, *flags, nproc=nproc), out)
+        return done[flags, nproc]
+    return get
+
+
+TR_EVERY_STEP = ("--method", "tr_dpo", "--alpha", "0.5", "--tau", "1")  # a reference that moves every step
+
+
 def weights(ckpt):
     policy = load_file(os.path.join(ckpt, "policy", "model.safetensors"))
     state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
@@ -44,14 +61,13 @@ def test_every_method_trains_a_few_steps(method, tmp_path):
             method.removeprefix("tr_")], rel=1e-4)  # step 1: policy == reference
 
 
-def test_resume_continues_with_moved_reference(tmp_path):
-    tr = ["--method", "tr_dpo", "--alpha", "0.5", "--tau", "1"]  # the reference moves every step
-    straight, _ = train(tmp_path / "straight", *tr, "--max_steps", "4")
-    first, _ = train(tmp_path / "halves", *tr, "--max_steps", "2")
-    second, log = train(tmp_path / "halves", *tr, "--max_steps", "4", "--resume")
+def test_resume_continues_with_moved_reference(tmp_path, shared):
+    straight, _, straight_dir = shared(*TR_EVERY_STEP, "--max_steps", "4")
+    first, _ = train(tmp_path / "halves", *TR_EVERY_STEP, "--max_steps", "2")
+    second, log = train(tmp_path / "halves", *TR_EVERY_STEP, "--max_steps", "4", "--resume")
     assert "resuming from" in log and "step_000002" in log
     assert [r["loss"] for r in second] == [r["loss"] for r in straight]  # bit-exact on CPU, step by step
-    policy_a, reference_a = weights(tmp_path / "straight" / "step_000004")
+    policy_a, reference_a = weights(straight_dir / "step_000004")
     policy_b, reference_b = weights(tmp_path / "halves" / "step_000004")
     assert all(torch.equal(policy_a[k], policy_b[k]) for k in policy_a)
     assert all(torch.equal(reference_a[k], reference_b[k]) for k in reference_a)
@@ -59,20 +75,33 @@ def test_resume_continues_with_moved_reference(tmp_path):
     assert not torch.equal(reference_b["model.embed_tokens.weight"], sft["model.embed_tokens.weight"])
 
 
-@pytest.mark.parametrize("grouping", [[], ["--group_by_length"]])
-def test_ddp_two_processes_match_one_process_with_the_same_global_batch(grouping, tmp_path):
-    tr = ["--method", "tr_dpo", "--alpha", "0.5", "--tau", "1", "--max_steps", "3", *grouping]
-    one, _ = train(tmp_path / "one", *tr)
-    two, log = train(tmp_path / "two", *tr, nproc=2)  # 2 ranks x micro-batch 2, no accumulation
+@pytest.mark.parametrize("grouping", [(), ("--group_by_length",)])
+def test_ddp_two_processes_match_one_process_with_the_same_global_batch(grouping, shared):
+    tr = (*TR_EVERY_STEP, "--max_steps", "4", *grouping)
+    one, _, one_dir = shared(*tr)
+    two, log, two_dir = shared(*tr, nproc=2)  # 2 ranks x micro-batch 2, no accumulation
     assert "identical on all 2 ranks" in log  # policy and reference bitwise equal across ranks (sha256)
     for a, b in zip(one, two):
         for key in ("loss", "rewards/margins", "rewards/accuracies", "drift/chosen"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
-    policy_one, ref_one = weights(tmp_path / "one" / "step_000003")
-    policy_two, ref_two = weights(tmp_path / "two" / "step_000003")
+    policy_one, ref_one = weights(one_dir / "step_000004")
+    policy_two, ref_two = weights(two_dir / "step_000004")
     # all-reduce sums gradients in another order than one process: Adam can turn that rounding into ~1e-6 (lr 1e-3)
     assert all(torch.allclose(policy_one[k], policy_two[k], atol=1e-5) for k in policy_one)
     assert all(torch.allclose(ref_one[k], ref_two[k], atol=1e-5) for k in ref_one)
+
+
+def test_a_ddp_run_resumed_on_one_process_continues_as_one_process_would(tmp_path, shared):
+    plain, _, plain_dir = shared(*TR_EVERY_STEP, "--max_steps", "4")
+    train(tmp_path, *TR_EVERY_STEP, "--max_steps", "2", nproc=2)  # 2 ranks x 2 pairs
+    resumed, log = train(tmp_path, *TR_EVERY_STEP, "--max_steps", "4", "--resume")  # 1 process x 2 micro-batches
+    assert "resuming from" in log and [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(plain, resumed):
+        for key in ("loss", "rewards/margins", "drift/chosen"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    _, final = weights(tmp_path / "step_000004")
+    _, expected = weights(plain_dir / "step_000004")
+    assert all(torch.allclose(final[k], expected[k], atol=1e-5) for k in expected)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -88,17 +117,16 @@ def test_bad_flags_are_refused_before_any_model_loads(flags, message):
     assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_fsdp2_run_resumed_on_another_number_of_processes_matches_one_plain_process(tmp_path):
-    tr = ["--method", "tr_dpo", "--alpha", "0.5", "--tau", "1"]  # the sharded reference moves every step
-    plain, _ = train(tmp_path / "plain", *tr, "--max_steps", "4")
-    train(tmp_path / "fsdp", *tr, "--max_steps", "2", "--fsdp", nproc=2)  # 2 ranks, each with half of every tensor
-    resumed, log = train(tmp_path / "fsdp", *tr, "--max_steps", "4", "--fsdp", "--resume", nproc=1)  # re-sharded
+def test_fsdp2_run_resumed_on_another_number_of_processes_matches_one_plain_process(tmp_path, shared):
+    plain, _, plain_dir = shared(*TR_EVERY_STEP, "--max_steps", "4")  # the sharded reference moves every step
+    train(tmp_path, *TR_EVERY_STEP, "--max_steps", "2", "--fsdp", nproc=2)  # 2 ranks, each with half of every tensor
+    resumed, log = train(tmp_path, *TR_EVERY_STEP, "--max_steps", "4", "--fsdp", "--resume", nproc=1)  # re-sharded
     assert "resuming from" in log
     for a, b in zip(plain, resumed):
         for key in ("loss", "rewards/margins", "drift/chosen", "drift/rejected"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
-    policy_plain, _ = weights(tmp_path / "plain" / "step_000004")
-    policy_fsdp = load_file(os.path.join(tmp_path / "fsdp" / "step_000004" / "policy" / "model.safetensors"))
+    policy_plain, _ = weights(plain_dir / "step_000004")
+    policy_fsdp = load_file(os.path.join(tmp_path / "step_000004" / "policy" / "model.safetensors"))
     # reduce-scatter sums in another order than one process: Adam can turn that rounding into ~1e-6 (1/1000 of a step)
     assert all(torch.allclose(policy_plain[k], policy_fsdp[k], atol=1e-5) for k in policy_plain)
 
@@ -124,10 +152,10 @@ def test_without_max_steps_a_run_is_one_epoch_and_its_summary_says_what_happened
     ([], "hard update: reference <- policy every 16 steps", 1, 16, [0, 0, 0, 0]),
 ])
 def test_alpha_alone_is_the_soft_update_every_step_and_tau_alone_the_hard_copy(flags, rule, alpha, tau, updates,
-                                                                               tmp_path):
-    records, log = train(tmp_path, "--method", "tr_dpo", "--max_steps", "4", *flags)
+                                                                               shared):
+    records, log, out = shared("--method", "tr_dpo", "--max_steps", "4", *flags)
     assert rule in log and [r["ref_updates"] for r in records] == updates
-    run = json.load(open(tmp_path / "args.json"))  # the rule in force, for plot.py and evaluate.py
+    run = json.load(open(out / "args.json"))  # the rule in force, for plot.py and evaluate.py
     assert (run["alpha"], run["tau"]) == (alpha, tau)
 
 
@@ -137,9 +165,9 @@ VANILLA_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
 
 
 @pytest.mark.parametrize("flags", [["--alpha", "0"], ["--tau", "100"]])
-def test_tr_with_alpha_zero_or_a_run_shorter_than_tau_is_exactly_vanilla_dpo(flags, tmp_path):
-    vanilla, _ = train(tmp_path / "dpo", "--method", "dpo", "--max_steps", "4")
-    tr, log = train(tmp_path / "tr", "--method", "tr_dpo", "--max_steps", "4", *flags)
+def test_tr_with_alpha_zero_or_a_run_shorter_than_tau_is_exactly_vanilla_dpo(flags, shared):
+    vanilla, _, _ = shared("--method", "dpo", "--max_steps", "4")
+    tr, log, _ = shared("--method", "tr_dpo", "--max_steps", "4", *flags)
     assert "warning: the reference will never move" in log and "this run is vanilla DPO, not TR-DPO" in log
     for a, b in zip(vanilla, tr):
         assert [a[k] for k in VANILLA_KEYS] == [b[k] for k in VANILLA_KEYS], a["step"]  # bit for bit
@@ -213,14 +241,14 @@ def test_eval_pairs_zero_turns_evaluation_off_and_keeps_every_training_pair(tmp_
     assert not any(k.startswith(("eval/", "drift/")) for k in records[-1])
 
 
-def test_plot_draws_several_runs_with_the_reference_updates_marked(tmp_path):
+def test_plot_draws_several_runs_with_the_reference_updates_marked(tmp_path, shared):
     from plot import read_run, reference_updates
-    train(tmp_path / "dpo", "--method", "dpo", "--max_steps", "4")
-    train(tmp_path / "hard", "--method", "tr_dpo", "--tau", "2", "--max_steps", "4")
-    out = subprocess.run([sys.executable, "plot.py", str(tmp_path / "dpo"), str(tmp_path / "hard"), "--out",
-                          str(tmp_path / "curves.png")], capture_output=True, text=True, cwd=ROOT)
+    _, _, dpo = shared("--method", "dpo", "--max_steps", "4")
+    _, _, hard = shared("--method", "tr_dpo", "--max_steps", "4", "--tau", "2")
+    out = subprocess.run([sys.executable, "plot.py", str(dpo), str(hard), "--out", str(tmp_path / "curves.png")],
+                         capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "curves.png").stat().st_size > 10000
-    assert reference_updates(read_run(tmp_path / "hard")[0], 4) == [2, 4]
-    assert reference_updates(read_run(tmp_path / "dpo")[0], 4) == []
+    assert reference_updates(read_run(hard)[0], 4) == [2, 4]
+    assert reference_updates(read_run(dpo)[0], 4) == []
     assert reference_updates({"method": "tr_ipo", "alpha": 0.6, "tau": 1}, 4) == []  # every step: said in the legend
