@@ -35,9 +35,10 @@ def completed(out_dir):
 def prepare_out_dir(out_dir, resume, overwrite, master):
     """Refuse to mix two runs in one folder. Returns the checkpoint to resume from, or None for a fresh run."""
     if resume:
-        if not completed(out_dir):
+        done = completed(out_dir)
+        if not done:
             raise SystemExit(f"error: --resume found no complete checkpoint (step_*) in {out_dir}")
-        return completed(out_dir)[-1]
+        return done[-1]
     leftovers = [p for p in ("args.json", "metrics.jsonl") if os.path.exists(os.path.join(out_dir, p))]
     leftovers += [os.path.basename(d) for d in glob.glob(os.path.join(out_dir, "step_*"))]
     if leftovers and not overwrite:

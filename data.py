@@ -265,10 +265,9 @@ def load_splits(name, eval_pairs, seed=0, skip_bad_rows=False, log=print, data_d
     out and the others train. eval_pairs = 0 holds out nothing."""
     if eval_pairs < 0:
         raise DataError(f"--eval_pairs {eval_pairs} must be 0 (no held-out pairs) or more")
-    if not name.endswith(".jsonl"):
-        return load_rows(name, "train", skip_bad_rows, log, data_dir), held_out(name, eval_pairs, seed,
-                                                                                skip_bad_rows, log, data_dir)
     rows = load_rows(name, "train", skip_bad_rows, log, data_dir)
+    if not name.endswith(".jsonl"):
+        return rows, held_out(name, eval_pairs, seed, skip_bad_rows, log, data_dir)
     if eval_pairs >= len(rows):
         raise DataError(f"--eval_pairs {eval_pairs} would hold out all {len(rows)} pairs of {name}, leaving none to "
                         "train on; lower it (0 holds out nothing)")

@@ -2,7 +2,6 @@
 not divide over the ranks, and the memory each rank holds, counted in bytes (memory.py, out_dir/memory.json)."""
 import json
 import math
-import os
 
 import pytest
 import torch
