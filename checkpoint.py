@@ -19,6 +19,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
+from guards import UserError
 from model import load_model
 
 # the arguments that make a run what it is: resuming with another value would silently be another experiment
@@ -37,12 +38,12 @@ def prepare_out_dir(out_dir, resume, overwrite, master):
     if resume:
         done = completed(out_dir)
         if not done:
-            raise SystemExit(f"error: --resume found no complete checkpoint (step_*) in {out_dir}")
+            raise UserError(f"--resume found no complete checkpoint (step_*) in {out_dir}")
         return done[-1]
     leftovers = [p for p in ("args.json", "metrics.jsonl") if os.path.exists(os.path.join(out_dir, p))]
     leftovers += [os.path.basename(d) for d in glob.glob(os.path.join(out_dir, "step_*"))]
     if leftovers and not overwrite:
-        raise SystemExit(f"error: {out_dir} already holds a run ({', '.join(sorted(leftovers)[:4])}). Continue it "
+        raise UserError(f"{out_dir} already holds a run ({', '.join(sorted(leftovers)[:4])}). Continue it "
                          "with --resume, replace it with --overwrite, or choose another --out_dir.")
     if dist.is_initialized():
         dist.barrier()  # every rank has looked before rank 0 deletes anything
@@ -59,7 +60,7 @@ def check_same_run(saved, current, where):
     differences = [f"--{k} {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now" for k in RUN_KEYS
                    if saved.get(k) != current.get(k)]
     if differences:
-        raise SystemExit(f"error: {where} belongs to another run: " + "; ".join(differences) +
+        raise UserError(f"{where} belongs to another run: " + "; ".join(differences) +
                          ". Resume with the same arguments, or start a fresh run in another --out_dir.")
 
 
@@ -111,7 +112,7 @@ def load(folder, policy, reference, optimizer, fsdp, run):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
         if not os.path.isdir(os.path.join(folder, "sharded")):
-            raise SystemExit(f"error: {folder} was not saved with --fsdp; resume it without --fsdp")
+            raise UserError(f"{folder} was not saved with --fsdp; resume it without --fsdp")
         shards = sharded_state(policy, reference if moving else None, optimizer)
         dcp.load(shards, checkpoint_id=os.path.join(folder, "sharded"))  # re-sharded for this number of ranks
         set_model_state_dict(policy, shards.pop("policy"))
@@ -120,7 +121,7 @@ def load(folder, policy, reference, optimizer, fsdp, run):
             set_model_state_dict(reference, shards.pop("reference"))
     else:
         if state["optimizer"] is None:
-            raise SystemExit(f"error: {folder} was saved with --fsdp; resume it with --fsdp")
+            raise UserError(f"{folder} was saved with --fsdp; resume it with --fsdp")
         policy.load_state_dict(load_model(os.path.join(folder, "policy")).state_dict())
         optimizer.load_state_dict(state.pop("optimizer"))  # moved to the parameters' device
         if moving:

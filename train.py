@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 import checkpoint
 from data import DataError, batches, collate, load_splits, to_device, tokenize
+from guards import report_user_errors
 from losses import dpo_loss, ipo_loss, kto_loss
 from memory import held_bytes, parameters
 from model import DEFAULT_MODEL, load_model, load_tokenizer, sequence_logps
@@ -77,6 +78,7 @@ p.add_argument("--skip_nonfinite", type=int, default=0, help="skip up to N steps
                "(counted); 0 = stop at the first, saving the last good state")
 p.add_argument("--dist_timeout", type=int, default=1800, help="seconds a collective may wait for a rank that hangs")
 args = p.parse_args()
+report_user_errors()  # bad data, models or checkpoints: one sentence on stderr, not a traceback
 
 # one parse of --method: the loss to use, and whether (and how) the reference moves
 moving_reference = args.method.startswith("tr_")
