@@ -10,21 +10,32 @@ on the policy's own samples, the mean completion length, and the implicit-reward
 default temperature 1 the samples come from pi itself (a plain sampling loop: nothing of the model's generation_config
 applies), so the KL estimate is unbiased; it is the KL between the two models' distributions of completions cut at
 --max_new_tokens (a sample ends at its first end-of-turn or EOS token, or after max_new_tokens).
-Writes a table to stdout, one JSON per checkpoint and a PNG of quality against KL (one line per run): the paper's
-over-optimization plot.
+Writes a table to stdout, one JSON per checkpoint, scored_rows.json (what was scored) and a PNG of quality against KL
+(one line per run): the paper's over-optimization plot.
+
+Held out means never trained on. A checkpoint's run (its state.pt, or out/RUN/args.json) says what it trained on:
+of a JSONL file, every row but --eval_pairs of them, so exactly those rows are scored (split as train.py splits the
+file); of demo and the hub sets, the train split, so rows are drawn from the test split. Checkpoints of runs that
+hold out different rows are refused, and so is a baseline from a run on the same file with another split. A plain
+model has no run: a JSONL --prompts file is then drawn from whole. Prompts are cut as training cuts them, with the
+runs' --max_length and --max_prompt_length (a plain model: 512 and 256), and the pairs are tokenized with them.
 """
 import argparse
+import filecmp
 import json
 import math
 import os
 import re
+import sys
+import urllib.error
 import urllib.request
 
 import torch
+from tqdm import tqdm
 
-from data import collate, held_out, pad, render, to_device, tokenize, turn_end
-from guards import report_user_errors
-from model import load_model, load_tokenizer, sequence_logps
+from data import collate, held_out, load_splits, pad, render, shorten, to_device, tokenize, turn_end
+from guards import UserError, report_user_errors
+from model import load_model, load_tokenizer, locate, reading, sequence_logps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -64,10 +75,15 @@ def gold_judge(tasks):
 
 
 def reward_model_judge(name, device):
-    """Any Hugging Face sequence-classification reward model: the higher score wins."""
+    """Any Hugging Face sequence-classification reward model (a folder or a hub id): the higher score wins."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    model = AutoModelForSequenceClassification.from_pretrained(name).to(device).eval()
+    source = locate(name, "--judge rm:")
+    if source.kind == "config":
+        raise UserError(f"--judge rm:{name} is a config .json, which gives random weights: a reward model needs "
+                        "trained ones (a folder or a hub id)")
+    with reading("--judge rm:", name, source.kind, source.path):
+        tokenizer = AutoTokenizer.from_pretrained(source.tokenizer)
+        model = AutoModelForSequenceClassification.from_pretrained(source.path).to(device).eval()
 
     @torch.no_grad()
     def reward(i, prompt, answer):
@@ -82,16 +98,28 @@ def reward_model_judge(name, device):
 
 
 def llm_judge(url, model, api_key):
-    """An OpenAI-compatible chat endpoint (vLLM, a local server, a hosted API) asked JUDGE_PROMPT at temperature 0."""
+    """An OpenAI-compatible chat endpoint (vLLM, a local server, a hosted API) asked JUDGE_PROMPT at temperature 0.
+    Checked at once with one GET of URL/models: any HTTP answer, even 401 or 404, means the endpoint is there."""
     criteria_scores = {}  # (prompt index, answer) -> [{criterion: score}, one per order]; evaluate() clears it
+    try:
+        urllib.request.urlopen(url.rstrip("/") + "/models", timeout=30).close()
+    except urllib.error.HTTPError:
+        pass
+    except (urllib.error.URLError, ValueError, OSError) as e:
+        raise UserError(f"--judge llm:{url}: the endpoint cannot be reached ({getattr(e, 'reason', e)}); check the "
+                        "URL (e.g. http://localhost:8000/v1) and that the server runs")
 
     def ask(content):
         body = json.dumps({"model": model, "messages": [{"role": "user", "content": content}], "temperature": 0,
                            "max_tokens": 256}).encode()
         headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
         request = urllib.request.Request(url.rstrip("/") + "/chat/completions", body, headers)
-        with urllib.request.urlopen(request, timeout=300) as response:
-            return json.load(response)["choices"][0]["message"]["content"]
+        try:
+            with urllib.request.urlopen(request, timeout=300) as response:
+                return json.load(response)["choices"][0]["message"]["content"]
+        except urllib.error.URLError as e:  # HTTPError too: a wrong key (401), an unknown --judge_model (404)
+            raise UserError(f"--judge llm:{url}: the endpoint refused the request ({getattr(e, 'reason', e)}); check "
+                            "--judge_model and the API key (--judge_key_env)")
 
     def compare(i, prompt, a, b):
         reply = ask(JUDGE_PROMPT.format(prompt=prompt_text(prompt), a=a, b=b))
@@ -133,10 +161,9 @@ def win_rate(outcomes):
 # sampling and log-probs
 
 
-def load_checkpoint(path):
-    """A train.py checkpoint folder (step_N, whose policy/ is the model), or anything --model accepts."""
-    folder = os.path.join(path, "policy") if os.path.isdir(os.path.join(path, "policy")) else path
-    return load_model(folder), load_tokenizer(folder, log=lambda m: None)
+def load_checkpoint(path, dtype=torch.float32, flag="checkpoint"):
+    """A train.py checkpoint folder (step_N, whose policy/ is the model), or anything --model accepts (model.locate)."""
+    return load_model(path, dtype=dtype, flag=flag), load_tokenizer(path, log=lambda m: None, flag=flag)
 
 
 def stop_ids(tokenizer, model):
@@ -150,15 +177,17 @@ def stop_ids(tokenizer, model):
 
 
 @torch.no_grad()
-def sample(model, prompt_ids, stop, temperature, max_new_tokens, batch_size, seed, device):
+def sample(model, prompt_ids, stop, temperature, max_new_tokens, batch_size, seed, device, desc=None):
     """Completion ids y ~ pi(. | x) for each prompt: token by token from softmax(logits / temperature) and nothing else.
     Not `generate`, which would add what the model's generation_config sets (Qwen2.5-Instruct's repetition_penalty
     1.05, a no_repeat_ngram_size, top-k/top-p), so that at temperature 1 the samples are pi's own and the KL estimate
     holds. A sample ends at its first token in `stop`, which it keeps (training completions end with it), or after
-    max_new_tokens: the distribution sampled is pi's, cut at that length. temperature 0: greedy."""
+    max_new_tokens: the distribution sampled is pi's, cut at that length. temperature 0: greedy. desc: a progress bar
+    on stderr, so named."""
     generator = torch.Generator(device=device).manual_seed(seed)  # the same seed for every checkpoint
     stop = torch.tensor(sorted(stop), dtype=torch.long, device=device)
     completions = []
+    bar = tqdm(total=len(prompt_ids), desc=desc, unit="prompt", disable=desc is None, leave=False, file=sys.stderr)
     for start in range(0, len(prompt_ids), batch_size):
         chunk = prompt_ids[start: start + batch_size]
         width = max(len(p) for p in chunk)  # left padding: every prompt ends where sampling starts
@@ -182,6 +211,8 @@ def sample(model, prompt_ids, stop, temperature, max_new_tokens, batch_size, see
             out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
                         past_key_values=out.past_key_values, use_cache=True)
         completions += rows
+        bar.update(len(chunk))
+    bar.close()
     return completions
 
 
@@ -204,17 +235,152 @@ def kl_estimate(policy_logps, sft_logps, lengths):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the rows to score: only rows the runs never trained on, cut as training cut them
+
+
+def run_args(path):
+    """The arguments of the train.py run a checkpoint comes from: its state.pt's "run" (the arguments in force when it
+    was saved), else the run's args.json; None for a plain model. state.pt is memory-mapped: its tensors (the
+    reference, the optimizer) are not read."""
+    folder = os.path.normpath(path)
+    if os.path.basename(folder) == "policy":  # out/RUN/step_N/policy: the checkpoint's model folder
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(os.path.join(folder, "policy")):
+        return None
+    state = os.path.join(folder, "state.pt")
+    if os.path.exists(state):
+        saved = torch.load(state, map_location="cpu", weights_only=False, mmap=True)
+        if saved.get("run", saved.get("args")):  # ("args": checkpoints before 2026-11-29)
+            return saved.get("run", saved.get("args"))
+    args_file = os.path.join(os.path.dirname(folder), "args.json")
+    return json.load(open(args_file)) if os.path.exists(args_file) else None
+
+
+def describe(path, run):
+    """Run name, method, alpha, tau, beta and step of a checkpoint; a plain model is its own run, method "base"."""
+    folder = os.path.normpath(path).removesuffix(os.sep + "policy")
+    match = re.search(r"step_(\d+)", folder)
+    name = os.path.basename(os.path.dirname(folder) if run else folder)
+    run = run or {}
+    return {"run": name, "method": run.get("method", "base"), "alpha": run.get("alpha"), "tau": run.get("tau"),
+            "beta": run.get("beta"), "step": int(match.group(1)) if match else 0}
+
+
+def held_out_key(run):
+    """What decides the rows a run never trained on: of a JSONL file, the file and its split (--eval_pairs of its
+    rows, drawn with seed 0, and --skip_bad_rows); of demo and the hub sets, the test split, which never trains."""
+    if run["dataset"].endswith(".jsonl"):
+        return os.path.realpath(run["dataset"]), run["eval_pairs"], bool(run.get("skip_bad_rows"))
+    return (run["dataset"],)
+
+
+def agreed(runs, key, what, advice):
+    """The one value of key(run) that every run shares, or a UserError naming each run and its value."""
+    values = {path: key(run) for path, run in runs.items()}
+    if len(set(values.values())) > 1:
+        raise UserError(f"the checkpoints' runs {what}: " + "; ".join(f"{path}: {v}" for path, v in values.items()) +
+                        f". {advice}")
+    return next(iter(values.values()))
+
+
+def runs_data(paths, baseline, args):
+    """The data the runs of these checkpoints trained on and the lengths they cut to: {"dataset", "data_dir",
+    "eval_pairs", "skip_bad_rows", "max_length", "max_prompt_length"}, or None when no checkpoint comes from a train.py
+    run. Runs that hold out different rows are refused: no row can be scored that one of them trained on; so is a
+    baseline from a run on the same data set with another split. The lengths are --max_length / --max_prompt_length
+    where given."""
+    runs = {path: run for path in paths if (run := run_args(path)) is not None}
+    if not runs:
+        return None
+    for path, run in runs.items():  # a run's paths are relative to the folder train.py ran in
+        for flag in ("dataset", "data_dir"):
+            if (run.get(flag) and (flag == "data_dir" or run[flag].endswith(".jsonl"))
+                    and not os.path.exists(run[flag])):
+                raise UserError(f"{path} trained with --{flag} {run[flag]}, which is not found from {os.getcwd()}: "
+                                "run evaluate.py in the folder train.py ran in (the run's paths are relative to it)")
+    what = "hold out different rows (data set, --eval_pairs, --skip_bad_rows)"
+    key = agreed(runs, held_out_key, what, "Evaluate them separately: each must be scored on rows its own run never "
+                 "trained on.")
+    sft = run_args(baseline)
+    if sft is not None and held_out_key(sft)[0] == key[0]:  # an SFT run on the same data: its split must agree too
+        agreed({**runs, baseline: sft}, held_out_key, f"and the --baseline's {what}",
+               "Score them on another data set with --prompts, or use a baseline trained on the same split.")
+    first = next(iter(runs.values()))
+    data = {k: first.get(k) for k in ("dataset", "data_dir", "eval_pairs", "skip_bad_rows")}
+    for flag in ("max_length", "max_prompt_length"):
+        data[flag] = getattr(args, flag) or agreed(
+            runs, lambda run: run[flag], f"cut to different --{flag}",
+            f"Pass --{flag} to evaluate.py to cut every prompt and pair alike.")
+    return data
+
+
+def same_data(prompts, dataset):
+    """--prompts names the runs' data set: the same name, or a JSONL file with the same contents."""
+    if prompts == dataset:
+        return True
+    files = [prompts, dataset]
+    return (all(f.endswith(".jsonl") and os.path.isfile(f) for f in files)
+            and filecmp.cmp(*files, shallow=False))
+
+
+def rows_to_score(prompts, data, args, log):
+    """(rows to score, training rows): max(--n_prompts, --n_pairs) rows the runs never trained on. Of the runs' JSONL
+    file, its held-out rows, split exactly as train.py splits it (data.load_splits); of demo and the hub sets, rows
+    drawn from the test split; of any other file, rows drawn from all of it (no run trained on it)."""
+    n = max(args.n_prompts, args.n_pairs)
+    quiet = lambda message: None  # noqa: E731
+    if data and prompts.endswith(".jsonl") and same_data(prompts, data["dataset"]):
+        train_rows, held = load_splits(data["dataset"], data["eval_pairs"], skip_bad_rows=data["skip_bad_rows"],
+                                       log=quiet)
+        if not held:
+            raise UserError(f"the runs held out no rows of {data['dataset']} (--eval_pairs 0): every row was trained "
+                            "on; score them on another data set with --prompts")
+        if n > len(held):
+            log(f"note: the runs held out {len(held)} of the {len(train_rows) + len(held)} rows of {data['dataset']} "
+                f"(--eval_pairs {data['eval_pairs']}); --n_prompts {args.n_prompts} / --n_pairs {args.n_pairs} ask for "
+                f"{n}: scoring those {len(held)}")
+        return held[:n], train_rows
+    if data and not same_data(prompts, data["dataset"]):
+        log(f"note: --prompts {prompts} is not the data set the runs trained on ({data['dataset']})")
+    elif not data and prompts.endswith(".jsonl"):
+        log(f"note: no checkpoint comes from a train.py run, so no row of {prompts} is known to be held out: drawing "
+            "from all of them")
+    data_dir = args.data_dir or (data["data_dir"] if data and prompts == data["dataset"] else None)
+    return held_out(prompts, n, skip_bad_rows=True, log=quiet, data_dir=data_dir), []
+
+
+def prompts_to_sample(prompts_set, test_rows, train_rows, log):
+    """(prompts, gold tasks or None): the demo's tasks (held out from training, with their gold answers), or each
+    distinct prompt of the rows to score, except a prompt that training also saw (in a row with other answers)."""
+    if prompts_set == "demo":
+        tasks = [json.loads(line) for line in open(os.path.join(HERE, "data", "demo_prompts_eval.jsonl"))]
+        return [t["prompt"] for t in tasks], tasks
+    trained = {json.dumps(r["prompt"]) for r in train_rows}
+    unique = {json.dumps(r["prompt"]): r["prompt"] for r in test_rows}
+    prompts = [p for key, p in unique.items() if key not in trained]
+    if len(prompts) < len(unique):
+        log(f"note: {len(unique) - len(prompts)} held-out prompt(s) also appear in training rows (with other answers): "
+            "left out")
+    return prompts, None
+
+
+def fit_prompts(tokenizer, prompts, max_length, max_prompt_length, max_new_tokens):
+    """[(prompt, ids) or None]: each prompt cut as training cuts the prompt of a completion of max_new_tokens tokens,
+    to max(max_prompt_length, max_length - max_new_tokens) tokens at turn boundaries (data.shorten); None where the
+    template's own frame leaves no room (training drops such pairs)."""
+    budget = max(max_prompt_length, max_length - max_new_tokens)
+    fitted = []
+    for prompt in prompts:
+        ids = render(tokenizer, prompt)
+        if len(ids) > budget:
+            prompt = shorten(tokenizer, prompt, budget)[0]
+            ids = None if prompt is None else render(tokenizer, prompt)
+        fitted.append(None if ids is None else (prompt, ids))
+    return fitted
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # one checkpoint
-
-
-def describe(path):
-    """Run name, method, alpha, tau, beta and step of a train.py checkpoint (from its run's args.json)."""
-    run = os.path.dirname(os.path.normpath(path))
-    args = json.load(open(os.path.join(run, "args.json"))) if os.path.exists(os.path.join(run, "args.json")) else {}
-    match = re.search(r"step_(\d+)", path)
-    return {"run": os.path.basename(run) if args else os.path.basename(os.path.normpath(path)),
-            "method": args.get("method", "base"), "alpha": args.get("alpha"), "tau": args.get("tau"),
-            "beta": args.get("beta"), "step": int(match.group(1)) if match else 0}
 
 
 def pair_logps(model, pair_batches):
@@ -223,11 +389,12 @@ def pair_logps(model, pair_batches):
         return [sequence_logps(model, batch).chunk(2) for batch in pair_batches]
 
 
-def evaluate(path, baseline, sft_model, prompts, prompt_ids, pair_batches, sft_pair_logps, judge, args, device):
-    model, tokenizer = load_checkpoint(path)
+def evaluate(path, run, baseline, sft_model, prompts, prompt_ids, pair_batches, sft_pair_logps, judge, args, dtype,
+             device):
+    model, tokenizer = load_checkpoint(path, dtype)
     model.to(device)
     completions = sample(model, prompt_ids, stop_ids(tokenizer, model), args.temperature, args.max_new_tokens,
-                         args.batch_size, args.seed, device)
+                         args.batch_size, args.seed, device, desc=f"sampling {path}")
     texts = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in completions]
     policy_logps = completion_logps(model, prompt_ids, completions, args.batch_size, device)
     sft_logps = completion_logps(sft_model, prompt_ids, completions, args.batch_size, device)
@@ -238,8 +405,9 @@ def evaluate(path, baseline, sft_model, prompts, prompt_ids, pair_batches, sft_p
     outcomes = [(compare(i, prompts[i], texts[i], baseline[i]), compare(i, prompts[i], baseline[i], texts[i]))
                 for i in range(len(prompts))]
     rate, se = win_rate(outcomes)
-    result = {**describe(path), "checkpoint": path, "judge": args.judge, "win_rate": rate, "win_rate_se": se,
-              "kl_seq": kl_seq, "kl_token": kl_token, "mean_length": sum(map(len, completions)) / len(completions)}
+    result = {**describe(path, run), "checkpoint": path, "judge": args.judge, "win_rate": rate, "win_rate_se": se,
+              "kl_seq": kl_seq, "kl_token": kl_token, "mean_length": sum(map(len, completions)) / len(completions),
+              "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     if args.judge == "gold":
         result["gold_score"] = sum(extra(i, t) for i, t in enumerate(texts)) / len(texts)
     if args.judge.startswith("llm:"):  # this checkpoint's comparisons only: the judge's record is cleared above
@@ -276,57 +444,100 @@ def plot(results, path, quality):
     fig.savefig(path, dpi=120)
 
 
-def main():
-    report_user_errors()
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="+", help="train.py checkpoint folders (out/RUN/step_N) or model names")
     p.add_argument("--baseline", required=True, help="the SFT model: win rates are against it, KL is to it")
-    p.add_argument("--prompts", default="demo", help="held-out prompts: demo | hh | tldr | ultrafeedback | PATH.jsonl")
+    p.add_argument("--prompts", default=None, help="demo | hh | tldr | ultrafeedback | PATH.jsonl (default: demo for "
+                   "--judge gold, which knows only the demo tasks; else the data set the checkpoints' runs trained on)."
+                   " Only rows the runs never trained on are scored")
     p.add_argument("--data_dir", help="an offline copy of the --prompts hub data set, in the hub repository's layout")
     p.add_argument("--judge", default="gold", help="gold | rm:MODEL | llm:URL")
     p.add_argument("--judge_model", default="gpt-4", help="model name sent to the llm judge's endpoint")
     p.add_argument("--judge_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     p.add_argument("--n_prompts", type=int, default=200)
-    p.add_argument("--n_pairs", type=int, default=128, help="held-out pairs for the implicit-reward accuracy")
+    p.add_argument("--n_pairs", type=int, default=128, help="held-out pairs for the implicit-reward accuracy; 0: none")
     p.add_argument("--temperature", type=float, default=1.0, help="1: samples from pi itself (the KL needs it); "
                    "0: greedy")
     p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--max_length", type=int, default=None, help="prompt + completion tokens, as in training (default: "
+                   "the runs' --max_length, or 512 for plain models)")
+    p.add_argument("--max_prompt_length", type=int, default=None, help="prompt tokens kept when cutting (default: the "
+                   "runs' --max_prompt_length, or 256)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="the weights of policy and SFT "
+                   "model; auto = bf16 on CUDA (half the memory), fp32 on the CPU")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out_dir", default="out/eval")
     args = p.parse_args()
+    for flag in ("n_prompts", "max_new_tokens", "batch_size", "max_length", "max_prompt_length"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag} {getattr(args, flag)} must be at least 1")
+    if args.n_pairs < 0:
+        p.error(f"--n_pairs {args.n_pairs} must be 0 (no reward accuracy) or more")
     if args.temperature < 0:
         p.error(f"--temperature {args.temperature} must be 0 (greedy) or positive")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-    tasks = None
-    # held-out pairs drawn at random from the test split (for a JSONL file: from the file; see data.held_out)
-    test_rows = held_out(args.prompts, max(args.n_prompts, args.n_pairs), skip_bad_rows=True, data_dir=args.data_dir)
-    if args.prompts == "demo":  # the gold judge's tasks, held out from training
-        tasks = [json.loads(line) for line in open(os.path.join(HERE, "data", "demo_prompts_eval.jsonl"))][: args.n_prompts]
-        prompts = [t["prompt"] for t in tasks]
-    else:
-        prompts = list({json.dumps(r["prompt"]): r["prompt"] for r in test_rows}.values())[: args.n_prompts]
-    if args.judge == "gold":
-        if tasks is None:
-            p.error("--judge gold knows only the demo tasks; use --prompts demo, or --judge rm:MODEL / llm:URL")
-        judge = gold_judge(tasks)
-    elif args.judge.startswith("rm:"):
-        judge = reward_model_judge(args.judge[3:], device)
-    elif args.judge.startswith("llm:"):
-        judge = llm_judge(args.judge[4:], args.judge_model, os.environ.get(args.judge_key_env))
-    else:
+    if args.max_length and args.max_prompt_length and args.max_prompt_length >= args.max_length:
+        p.error(f"--max_prompt_length {args.max_prompt_length} must be less than --max_length {args.max_length}")
+    if not (args.judge == "gold" or re.fullmatch(r"(rm|llm):.+", args.judge)):
         p.error(f"--judge {args.judge!r}: expected gold, rm:MODEL or llm:URL")
+    return args
 
-    sft_model, tokenizer = load_checkpoint(args.baseline)
+
+def main():
+    report_user_errors()
+    args = parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda"
+                                        and torch.cuda.is_bf16_supported())
+    dtype = torch.bfloat16 if use_bf16 else torch.float32  # bf16 weights: half the memory of fp32 (75 GB for 8B)
+
+    # every model argument located before anything loads: a typo in the last checkpoint stops now, not in an hour
+    for path in args.checkpoints:
+        locate(path, "checkpoint")
+    locate(args.baseline, "--baseline")
+    if args.judge.startswith("rm:"):
+        locate(args.judge[3:], "--judge rm:")
+    runs = {path: run_args(path) for path in args.checkpoints}
+    data = runs_data(args.checkpoints, args.baseline, args)
+    max_length = args.max_length or (data["max_length"] if data else 512)
+    max_prompt_length = args.max_prompt_length or (data["max_prompt_length"] if data else 256)
+    if not 0 < max_prompt_length < max_length:
+        raise UserError(f"--max_prompt_length {max_prompt_length} must be less than --max_length {max_length}")
+    prompts_set = args.prompts or ("demo" if args.judge == "gold" or not data else data["dataset"])
+    if args.judge == "gold" and prompts_set != "demo":
+        raise UserError(f"--judge gold knows only the demo tasks, and the prompts are {prompts_set}; use --prompts "
+                        "demo, or --judge rm:MODEL / llm:URL")
+
+    if args.judge.startswith("llm:"):  # checks that the endpoint answers
+        judge = llm_judge(args.judge[4:], args.judge_model, os.environ.get(args.judge_key_env))
+
+    test_rows, train_rows = rows_to_score(prompts_set, data, args, print)
+    prompts, tasks = prompts_to_sample(prompts_set, test_rows, train_rows, print)
+    if args.judge.startswith("rm:"):
+        judge = reward_model_judge(args.judge[3:], device)
+
+    sft_model, tokenizer = load_checkpoint(args.baseline, dtype, "--baseline")
     sft_model.to(device)
-    prompt_ids = [render(tokenizer, prompt) for prompt in prompts]
-    pairs = tokenize(test_rows[: args.n_pairs], tokenizer, 512, 256, log=lambda m: None)
+    fitted = fit_prompts(tokenizer, prompts, max_length, max_prompt_length, args.max_new_tokens)
+    kept = [i for i, f in enumerate(fitted) if f is not None][: args.n_prompts]
+    if len(kept) < min(len(prompts), args.n_prompts):
+        print(f"note: {sum(f is None for f in fitted)} prompt(s) cannot fit {max_prompt_length} tokens beside the "
+              "chat template's own: left out, as training drops them")
+    prompts, prompt_ids = [fitted[i][0] for i in kept], [fitted[i][1] for i in kept]
+    if not prompts:
+        raise UserError(f"no prompt of {prompts_set} is left to sample (see the notes above)")
+    if args.judge == "gold":
+        judge = gold_judge([tasks[i] for i in kept])
+    pairs = tokenize(test_rows[: args.n_pairs], tokenizer, max_length, max_prompt_length, log=lambda m: None)
     pair_batches = [to_device(collate(pairs[i: i + args.batch_size], tokenizer.pad_token_id), device)
                     for i in range(0, len(pairs), args.batch_size)]
+    print(f"scoring {len(prompts)} prompts and {len(pairs)} pairs of {prompts_set} (max_length {max_length}, "
+          f"max_prompt_length {max_prompt_length}), weights in {str(dtype).removeprefix('torch.')}, on {device}")
     sft_pair_logps = pair_logps(sft_model, pair_batches)  # once, not per checkpoint
     baseline_ids = sample(sft_model, prompt_ids, stop_ids(tokenizer, sft_model), args.temperature, args.max_new_tokens,
-                          args.batch_size, args.seed + 1, device)  # another seed than the policies': independent
+                          args.batch_size, args.seed + 1, device,  # another seed than the policies': independent
+                          desc=f"sampling {args.baseline}")
     baseline = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in baseline_ids]
 
     os.makedirs(args.out_dir, exist_ok=True)
@@ -336,14 +547,18 @@ def main():
                         "gold_score": sum(judge[1](i, t) for i, t in enumerate(baseline)) / len(baseline),
                         "mean_length": sum(map(len, baseline_ids)) / len(baseline_ids), "checkpoint": args.baseline})
     print(f"{'checkpoint':<44} {'win rate':>13} {'gold':>6} {'KL seq':>8} {'KL/tok':>7} {'length':>7} {'rew.acc':>7}")
+    json.dump({"prompts": prompts_set, "max_length": max_length, "max_prompt_length": max_prompt_length,
+               "sampled": prompts, "pairs": [test_rows[e["row"]]["where"] for e in pairs]},
+              open(os.path.join(args.out_dir, "scored_rows.json"), "w"), indent=1)  # what was scored, for the record
     for path in args.checkpoints:
-        r = evaluate(path, baseline, sft_model, prompts, prompt_ids, pair_batches, sft_pair_logps, judge, args, device)
+        r = evaluate(path, runs[path], baseline, sft_model, prompts, prompt_ids, pair_batches, sft_pair_logps, judge,
+                     args, dtype, device)
         results.append(r)
         name = f"{r['run']}/step_{r['step']}"
         json.dump(r, open(os.path.join(args.out_dir, name.replace("/", "_") + ".json"), "w"), indent=1)
-        print(f"{name:<44} {r['win_rate']:>6.3f} ± {r['win_rate_se']:.3f} {r.get('gold_score', float('nan')):>6.3f} "
-              f"{r['kl_seq']:>8.3f} {r['kl_token']:>7.4f} {r['mean_length']:>7.1f} {r.get('reward_accuracy', float('nan')):>7.3f}",
-              flush=True)
+        print(f"{name:<44} {r['win_rate']:>6.3f} ± {r['win_rate_se']:.3f} {r.get('gold_score', math.nan):>6.3f} "
+              f"{r['kl_seq']:>8.3f} {r['kl_token']:>7.4f} {r['mean_length']:>7.1f} "
+              f"{r.get('reward_accuracy', math.nan):>7.3f}", flush=True)
     if args.judge == "gold":
         print(f"(baseline gold score {results[0]['gold_score']:.3f}, mean length {results[0]['mean_length']:.1f})")
     quality = "gold_score" if args.judge == "gold" else "win_rate"
