@@ -13,6 +13,7 @@ Check the code path on a CPU first:  python bench.py --tiny --steps 3 --vs-trl
 import argparse
 import copy
 import gc
+import importlib.util
 import os
 import resource
 import statistics
@@ -23,8 +24,9 @@ import warnings
 import torch
 from transformers import GPTNeoXConfig
 
+from guards import report_user_errors
 from losses import dpo_loss
-from model import load_model, sequence_logps
+from model import load_config, load_model, sequence_logps
 from ref_update import update_reference
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,8 +53,28 @@ TINY = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256, pr
 if p.parse_known_args()[0].tiny:  # --tiny changes the defaults; flags given explicitly still win
     p.set_defaults(**TINY)
 args = p.parse_args()
+report_user_errors()
 if args.warmup_steps < 1:
     p.error("--warmup_steps must be at least 1: TRL's step time is measured between the ends of consecutive steps")
+for flag in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "prompt_len", "completion_len",
+             "micro_batch_size", "steps"):
+    if getattr(args, flag) < 1:
+        p.error(f"--{flag} {getattr(args, flag)} must be at least 1")
+if args.vocab_size < 2:
+    p.error(f"--vocab_size {args.vocab_size} must be at least 2 (token 0 ends every completion)")
+if args.hidden_size % args.num_heads:
+    p.error(f"--hidden_size {args.hidden_size} must be a multiple of --num_heads {args.num_heads}")
+if not 0 <= args.alpha <= 1:
+    p.error(f"--alpha {args.alpha} must lie in [0, 1] (the weight of the policy in the soft update)")
+for flag in ("beta", "lr"):
+    if not getattr(args, flag) > 0:
+        p.error(f"--{flag} {getattr(args, flag)} must be positive")
+if args.config is not None and not args.config.endswith(".json"):
+    p.error(f"--config {args.config}: expected a config .json (bench.py builds a random model of its shape)")
+if args.vs_trl and importlib.util.find_spec("trl") is None:  # before our half of the benchmark, not after it
+    p.error("--vs-trl needs TRL, a benchmark-only dependency: `pip install trl` (it is not in requirements.txt on "
+            "purpose)")
+config = load_config(args.config, flag="--config") if args.config else None  # a config that cannot be read stops now
 
 warnings.filterwarnings("ignore", ".*gradient_checkpointing.*", FutureWarning)  # transformers 5 renamed it
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -116,7 +138,7 @@ if config_path is None:
 
 # one micro-batch of random pairs, laid out as data.collate does: chosen rows first, then rejected; no padding
 g = torch.Generator().manual_seed(0)
-vocab = GPTNeoXConfig.from_json_file(config_path).vocab_size
+vocab = config.vocab_size if config else args.vocab_size
 prompt = torch.randint(1, vocab, (B, P), generator=g)
 chosen, rejected = torch.randint(1, vocab, (B, C), generator=g), torch.randint(1, vocab, (B, C), generator=g)
 chosen[:, -1] = rejected[:, -1] = EOS
@@ -161,13 +183,9 @@ def bench_ours():
 
 def bench_trl():
     """TRL's DPOTrainer with sync_ref_model on the same model, init, pairs, lengths, dtype and optimizer."""
-    try:
-        import trl
-        from trl import DPOConfig, DPOTrainer
-        from trl.trainer.callbacks import SyncRefModelCallback
-    except ImportError:
-        raise SystemExit("error: --vs-trl needs TRL, a benchmark-only dependency: `pip install trl` "
-                         "(it is not in requirements.txt on purpose)")
+    import trl  # found at start-up
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.callbacks import SyncRefModelCallback
     from datasets import Dataset, disable_progress_bars
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, TrainerCallback

@@ -584,8 +584,8 @@ def batches(examples, micro_batch_size, rank, world_size, seed, epoch, skip=0, g
 
 def inspect(args):
     from model import load_tokenizer
+    tokenizer = load_tokenizer(args.model)  # first: a --model that cannot be read stops before the rows load
     rows = load_rows(args.dataset, args.split, skip_bad_rows=True, data_dir=args.data_dir)  # every problem at once
-    tokenizer = load_tokenizer(args.model)
     examples = tokenize(rows, tokenizer, args.max_length, args.max_prompt_length)
     for name in ("prompt", "chosen", "rejected"):
         lengths = torch.tensor([len(e[name]) for e in examples], dtype=torch.float)
@@ -622,4 +622,11 @@ if __name__ == "__main__":
     parser.add_argument("--max_prompt_length", type=int, default=256)
     parser.add_argument("--micro_batch_size", type=int, default=4)
     parser.add_argument("--batch_size", type=int, default=8)
-    inspect(parser.parse_args())
+    args = parser.parse_args()
+    for flag in ("max_length", "micro_batch_size", "batch_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} {getattr(args, flag)} must be at least 1")
+    if not 0 < args.max_prompt_length < args.max_length:
+        parser.error(f"--max_prompt_length {args.max_prompt_length} must be between 0 and --max_length "
+                     f"{args.max_length}")
+    inspect(args)

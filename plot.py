@@ -15,7 +15,10 @@ import argparse
 import json
 import os
 
+from guards import UserError, report_user_errors
 from ref_update import should_update
+
+FIGURE_TYPES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".webp", ".eps", ".ps", ".tif", ".tiff")  # by matplotlib
 
 PANELS = [("loss", "training loss", [("loss", "-")]),
           ("margins", "rewards/margins (train)", [("rewards/margins", "-")]),
@@ -27,12 +30,28 @@ PANELS = [("loss", "training loss", [("loss", "-")]),
 
 
 def read_run(folder):
-    """(args, records): the run's arguments and its log records, one per step (a resumed run's repeats: the last)."""
-    args = json.load(open(os.path.join(folder, "args.json")))
-    by_step = {}
-    for line in open(os.path.join(folder, "metrics.jsonl")):
-        record = json.loads(line)
+    """(args, records): the run's arguments and its log records, one per step (a resumed run's repeats: the last).
+    A line cut short (a run killed while writing it) is skipped; any other damage is an error naming file and line."""
+    for name in ("args.json", "metrics.jsonl"):
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise UserError(f"{folder} has no {name}: is it a train.py --out_dir? (a run folder holds args.json and "
+                            "metrics.jsonl; its checkpoints are the step_N folders inside it)")
+    try:
+        args = json.load(open(os.path.join(folder, "args.json")))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{folder}/args.json is not valid JSON ({e.msg}, line {e.lineno})")
+    path, by_step = os.path.join(folder, "metrics.jsonl"), {}
+    lines = open(path).read().splitlines()
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == len(lines):  # the last line, cut short
+                continue
+            raise UserError(f"{path}:{number} is not valid JSON ({e.msg}); fix or delete that line")
         by_step[record["step"]] = record
+    if not by_step:
+        raise UserError(f"{path} holds no log line yet: the run has not reached its first --log_interval")
     return args, [by_step[s] for s in sorted(by_step)]
 
 
@@ -90,11 +109,13 @@ def plot(folders, out):
 
 
 if __name__ == "__main__":
+    report_user_errors()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="train.py output folders (each with args.json and metrics.jsonl)")
     p.add_argument("--out", default=None, help="the PNG to write (default: RUN/curves.png for the first run)")
     a = p.parse_args()
+    if a.out and os.path.splitext(a.out)[1].lower() not in FIGURE_TYPES:
+        p.error(f"--out {a.out}: the figure's type comes from its extension, one of {' '.join(FIGURE_TYPES)}")
     for folder in a.runs:
-        if not os.path.exists(os.path.join(folder, "metrics.jsonl")):
-            p.error(f"{folder} has no metrics.jsonl: is it a train.py --out_dir?")
+        read_run(folder)  # every folder checked before the figure starts
     print(f"wrote {plot(a.runs, a.out or os.path.join(a.runs[0], 'curves.png'))}")

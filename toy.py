@@ -32,7 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from guards import report_user_errors
 from losses import dpo_loss, ipo_loss, kto_loss
+from plot import FIGURE_TYPES
 from ref_update import should_update, update_reference
 
 V, L = 4, 3  # vocabulary, sequence length: 4**3 = 64 sequences
@@ -192,6 +194,15 @@ if __name__ == "__main__":
     p.add_argument("--sweep", action="store_true", help="NeuralPolicy, widths 2/4/8 x seeds 0-3: outcome counts")
     p.add_argument("--out", default="toy.png")
     args = p.parse_args()
+    report_user_errors()
+    for flag, least in (("steps", 1), ("width", 0)):
+        if getattr(args, flag) < least:
+            p.error(f"--{flag} {getattr(args, flag)} must be at least {least}")
+    for flag in ("lr", "beta"):
+        if getattr(args, flag) is not None and not getattr(args, flag) > 0:
+            p.error(f"--{flag} {getattr(args, flag)} must be positive")
+    if os.path.splitext(args.out)[1].lower() not in FIGURE_TYPES:
+        p.error(f"--out {args.out}: the figure's type comes from its extension, one of {' '.join(FIGURE_TYPES)}")
     torch.set_num_threads(1)  # 84 numbers: thread start-up costs more than the math (20x slower on a busy 2-core box)
     t0 = time.time()
     # (label, alpha, tau): vanilla; soft updates every step (TR^alpha); hard copies every tau steps (TR^tau)
