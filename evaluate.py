@@ -292,12 +292,6 @@ def runs_data(paths, baseline, args):
     runs = {path: run for path in paths if (run := run_args(path)) is not None}
     if not runs:
         return None
-    for path, run in runs.items():  # a run's paths are relative to the folder train.py ran in
-        for flag in ("dataset", "data_dir"):
-            if (run.get(flag) and (flag == "data_dir" or run[flag].endswith(".jsonl"))
-                    and not os.path.exists(run[flag])):
-                raise UserError(f"{path} trained with --{flag} {run[flag]}, which is not found from {os.getcwd()}: "
-                                "run evaluate.py in the folder train.py ran in (the run's paths are relative to it)")
     what = "hold out different rows (data set, --eval_pairs, --skip_bad_rows)"
     key = agreed(runs, held_out_key, what, "Evaluate them separately: each must be scored on rows its own run never "
                  "trained on.")
@@ -328,10 +322,16 @@ def rows_to_score(prompts, data, args, log):
     file, its held-out rows, split exactly as train.py splits it (data.load_splits); of demo and the hub sets, rows
     drawn from the test split; of any other file, rows drawn from all of it (no run trained on it)."""
     n = max(args.n_prompts, args.n_pairs)
-    quiet = lambda message: None  # noqa: E731
+    # a run's paths are relative to the folder train.py ran in; without its file its held-out rows cannot be told
+    run_file = data and prompts.endswith(".jsonl") and data["dataset"].endswith(".jsonl") and data["dataset"]
+    run_copy = data and prompts == data["dataset"] and not args.data_dir and data["data_dir"]
+    for flag, path in (("--dataset", run_file), ("--data_dir", run_copy)):
+        if path and not os.path.exists(path):
+            raise UserError(f"the runs trained with {flag} {path}, which is not found from {os.getcwd()}: run "
+                            "evaluate.py in the folder train.py ran in (the run's paths are relative to it)")
     if data and prompts.endswith(".jsonl") and same_data(prompts, data["dataset"]):
         train_rows, held = load_splits(data["dataset"], data["eval_pairs"], skip_bad_rows=data["skip_bad_rows"],
-                                       log=quiet)
+                                       log=lambda message: None)
         if not held:
             raise UserError(f"the runs held out no rows of {data['dataset']} (--eval_pairs 0): every row was trained "
                             "on; score them on another data set with --prompts")
@@ -346,7 +346,7 @@ def rows_to_score(prompts, data, args, log):
         log(f"note: no checkpoint comes from a train.py run, so no row of {prompts} is known to be held out: drawing "
             "from all of them")
     data_dir = args.data_dir or (data["data_dir"] if data and prompts == data["dataset"] else None)
-    return held_out(prompts, n, skip_bad_rows=True, log=quiet, data_dir=data_dir), []
+    return held_out(prompts, n, skip_bad_rows=True, log=log, data_dir=data_dir), []
 
 
 def prompts_to_sample(prompts_set, test_rows, train_rows, log):

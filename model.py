@@ -48,6 +48,18 @@ def named(flag, name):
     return f"{flag}{name}" if flag.endswith(":") else f"{flag} {name}"
 
 
+@contextlib.contextmanager
+def reading(flag, name, kind, path):
+    """transformers' errors in reading a model (a broken config.json, a cut download, a file that is no GGUF) as one
+    sentence naming the argument and what it was taken for."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        where = "" if path == name else f" at {path}"
+        raise UserError(f"{named(flag, name)} (taken for {TAKEN_FOR[kind]}{where}) cannot be read: {first}") from e
+
+
 def dequantized(gguf_path, folder, flag, name):
     """Dequantize a GGUF file once into `folder` (plain safetensors and its tokenizer); return that folder."""
     if os.path.exists(os.path.join(folder, "config.json")):
@@ -184,18 +196,6 @@ def locate(name, flag="--model"):
 def resolve(name, flag="--model"):
     """What from_pretrained reads for a model argument: a folder, a config .json, or a hub id."""
     return locate(name, flag).path
-
-
-@contextlib.contextmanager
-def reading(flag, name, kind, path):
-    """transformers' errors in reading a model (a broken config.json, a cut download, a file that is no GGUF) as one
-    sentence naming the argument and what it was taken for."""
-    try:
-        yield
-    except (OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        where = "" if path == name else f" at {path}"
-        raise UserError(f"{named(flag, name)} (taken for {TAKEN_FOR[kind]}{where}) cannot be read: {first}") from e
 
 
 def load_tokenizer(name, log=print, flag="--model"):

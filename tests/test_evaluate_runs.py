@@ -175,7 +175,6 @@ def fake_checkpoint(folder, real, **changes):
     ({"skip_bad_rows": True}, "the checkpoints' runs hold out different rows"),
     ({"dataset": "demo"}, "the checkpoints' runs hold out different rows"),
     ({"max_length": 128}, "the checkpoints' runs cut to different --max_length"),
-    ({"dataset": "nowhere/data.jsonl"}, "trained with --dataset nowhere/data.jsonl, which is not found from"),
 ])
 def test_checkpoints_whose_runs_disagree_are_refused_naming_each(change, says, run, monkeypatch, tmp_path):
     other = fake_checkpoint(tmp_path / "other", run["checkpoints"][-1], **change)
@@ -185,8 +184,17 @@ def test_checkpoints_whose_runs_disagree_are_refused_naming_each(change, says, r
     with pytest.raises(UserError) as error:
         evaluate.main()
     assert says in str(error.value)
-    if "not found" not in says:
-        assert run["checkpoints"][-1] in str(error.value) and other in str(error.value)
+    assert run["checkpoints"][-1] in str(error.value) and other in str(error.value)
+
+
+def test_a_run_whose_file_is_not_found_from_here_is_refused_rather_than_guessed(run, judge, monkeypatch, tmp_path):
+    moved = fake_checkpoint(tmp_path / "moved", run["checkpoints"][-1], dataset="nowhere/data.jsonl")
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", moved, "--baseline", TINY, "--prompts", run["data"], "--judge",
+                                      judge, "--out_dir", str(tmp_path / "eval")])
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    with pytest.raises(UserError) as error:  # the same file? its rows must not be drawn as if no run had seen them
+        evaluate.main()
+    assert "the runs trained with --dataset nowhere/data.jsonl, which is not found from" in str(error.value)
 
 
 def test_a_baseline_from_a_run_on_the_same_file_with_another_split_is_refused(run, monkeypatch, tmp_path):
