@@ -69,8 +69,9 @@ if not 0 <= args.alpha <= 1:
 for flag in ("beta", "lr"):
     if not getattr(args, flag) > 0:
         p.error(f"--{flag} {getattr(args, flag)} must be positive")
-if args.config is not None and not args.config.endswith(".json"):
-    p.error(f"--config {args.config}: expected a config .json (bench.py builds a random model of its shape)")
+if args.config is not None and not (args.config.endswith(".json") and os.path.isfile(args.config)):
+    p.error(f"--config {args.config}: expected a config .json file (bench.py builds a random model of its shape)"
+            + ("" if os.path.exists(args.config) else "; there is no such file"))
 if args.vs_trl and importlib.util.find_spec("trl") is None:  # before our half of the benchmark, not after it
     p.error("--vs-trl needs TRL, a benchmark-only dependency: `pip install trl` (it is not in requirements.txt on "
             "purpose)")

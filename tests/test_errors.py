@@ -200,8 +200,8 @@ BENCH = [
     (["--vocab_size", "1"], 2, ["--vocab_size 1 must be at least 2"]),
     (["--alpha", "2"], 2, ["--alpha 2.0 must lie in [0, 1]"]),
     (["--lr", "-1"], 2, ["--lr -1.0 must be positive"]),
-    (["--config", "README.md"], 2, ["--config README.md: expected a config .json"]),
-    (["--config", "/no/such.json"], 1, ["--config /no/such.json: no such file or folder"]),
+    (["--config", "README.md"], 2, ["--config README.md: expected a config .json file"]),
+    (["--config", "/no/such.json"], 2, ["--config /no/such.json: expected a config .json file", "no such file"]),
     (["--config", "{root}/bad.json"], 1, ["--config {root}/bad.json (taken for a config .json, for a random init) "
                                           "cannot be read"]),
     pytest.param(["--tiny", "--vs-trl"], 2, ["--vs-trl needs TRL"], marks=pytest.mark.skipif(
