@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import shutil
 import time
 
@@ -511,6 +512,15 @@ def tokenize(rows, tokenizer, max_length, max_prompt_length, log=print, cache_di
     return examples
 
 
+def fingerprint(examples):
+    """A sha256 of the token ids of every pair, in order: a resumed run must train on the very pairs it began with."""
+    h = hashlib.sha256()
+    for e in examples:
+        for name in ("prompt", "chosen", "rejected"):
+            h.update(e[name].numpy().tobytes() + b"|")
+    return h.hexdigest()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # batches: right-padded, chosen and rejected stacked for one forward pass
 
@@ -541,41 +551,61 @@ def to_device(batch, device):
     return batch.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else batch.to(device)
 
 
-def collate(examples, pad_id, method="dpo", max_length=None):
+def collate(examples, pad_id, method="dpo", max_length=None, neighbours=None):
     """Pairs -> one batch. dpo/ipo: rows [chosen_0..chosen_B-1, rejected_0..rejected_B-1]. sft: the chosen rows.
-    kto: the same 2B rows as unpaired examples (chosen desirable), plus "kl": each prompt with the completion of
-    the next example (mismatched pairs, Ethayarajh et al.), which estimate KL(pi || ref)."""
+    kto: the same 2B rows as unpaired examples (chosen desirable), plus "kl": each prompt with the chosen and the
+    rejected completion of its neighbour, the next pair of the global batch (mismatched pairs, Ethayarajh et al.),
+    on which KL(pi || ref) is estimated."""
     chosen = [(e["prompt"], e["chosen"]) for e in examples]
     rejected = [(e["prompt"], e["rejected"]) for e in examples]
     batch = pad(chosen if method == "sft" else chosen + rejected, pad_id)
     batch["rows"] = torch.tensor([e["row"] for e in examples])
     if method == "kto":
-        if len(examples) < 2:
-            raise DataError("KTO needs at least 2 pairs per device micro-batch for its mismatched-pair KL estimate")
-        pairs = chosen + rejected
-        shifted = [(p, pairs[(i + 1) % len(pairs)][1]) for i, (p, _) in enumerate(pairs)]
-        batch["kl"] = pad([(p, c[: max_length - len(p)]) for p, c in shifted], pad_id)
+        mismatched = [(e["prompt"], n[side]) for side in ("chosen", "rejected") for e, n in zip(examples, neighbours)]
+        batch["kl"] = pad([(p, c[: max_length - len(p)]) for p, c in mismatched], pad_id)
     return batch
 
 
-def batches(examples, micro_batch_size, rank, world_size, seed, epoch, skip=0, group_size=0):
-    """This rank's micro-batches for one epoch. Every rank shuffles with the same seed and takes every world_size-th
-    pair (as DistributedSampler does), so one process with the same global batch sees the same pairs per step.
-    `skip` resumes mid-epoch. group_size > 0 (--group_by_length, with the global batch size): each global batch holds
-    pairs of similar length, so that less of every forward pass is padding."""
-    g = torch.Generator().manual_seed(seed + epoch)
-    order = torch.randperm(len(examples), generator=g).tolist()
-    if group_size:  # sort windows of 64 global batches by length, cut them into batches, shuffle the batches
-        def length(i):  # the padded length of the pair's two rows
-            return len(examples[i]["prompt"]) + max(len(examples[i]["chosen"]), len(examples[i]["rejected"]))
-        window = 64 * group_size
-        order = [i for w in range(0, len(order), window) for i in sorted(order[w: w + window], key=length)]
-        groups = [order[b: b + group_size] for b in range(0, len(order), group_size)]
-        tail = groups.pop() if len(groups[-1]) < group_size else []  # a partial batch stays last
-        order = [i for b in torch.randperm(len(groups), generator=g).tolist() for i in groups[b]] + tail
-    indices = order[rank: len(order) // world_size * world_size: world_size]
-    for start in range(skip * micro_batch_size, len(indices) - micro_batch_size + 1, micro_batch_size):
-        yield [examples[i] for i in indices[start: start + micro_batch_size]]
+class Batches:
+    """The run's global batches, numbered from 0 over all epochs: batch `index` is the same pairs whatever the number
+    of processes and micro-batches, so the same command means the same optimization on 1 or 8 GPUs.
+
+    Every epoch is a new shuffle, a function of (seed, epoch) alone, cut into len(pairs) // batch_size whole global
+    batches; the few pairs left over (fewer than a batch) wait for the next epoch's shuffle. Rank r takes every
+    world_size-th pair of a global batch (as DistributedSampler does) and cuts its share into micro-batches.
+    group_by_length: each global batch holds pairs of similar length, so that less of every forward pass is padding."""
+
+    def __init__(self, examples, batch_size, micro_batch_size, rank=0, world_size=1, seed=0, group_by_length=False):
+        self.examples, self.batch_size, self.micro_batch_size = examples, batch_size, micro_batch_size
+        self.rank, self.world_size, self.seed, self.group_by_length = rank, world_size, seed, group_by_length
+        self.per_epoch = len(examples) // batch_size
+        self.order = (None, [])  # (epoch, its order): computed once per epoch
+
+    def epoch_order(self, epoch):
+        """The pairs of one epoch in training order, whole global batches only."""
+        if self.order[0] != epoch:
+            order = list(range(len(self.examples)))
+            rng = random.Random(f"{self.seed}:{epoch}")  # seeded from text: every (seed, epoch) an independent order
+            rng.shuffle(order)
+            if self.group_by_length:  # sort windows of 64 global batches by length, cut into batches, shuffle those
+                def length(i):  # the padded length of the pair's two rows
+                    e = self.examples[i]
+                    return len(e["prompt"]) + max(len(e["chosen"]), len(e["rejected"]))
+                window = 64 * self.batch_size
+                order = [i for w in range(0, len(order), window) for i in sorted(order[w: w + window], key=length)]
+                whole = [order[b: b + self.batch_size] for b in range(0, self.per_epoch * self.batch_size,
+                                                                      self.batch_size)]  # a partial one is left over
+                rng.shuffle(whole)
+                order = [i for batch in whole for i in batch]
+            self.order = (epoch, order[: self.per_epoch * self.batch_size])
+        return self.order[1]
+
+    def __call__(self, index):
+        """This rank's micro-batches of global batch `index`: lists of (pair, its neighbour in the global batch)."""
+        epoch, i = divmod(index, self.per_epoch)
+        batch = [self.examples[j] for j in self.epoch_order(epoch)[i * self.batch_size: (i + 1) * self.batch_size]]
+        mine = [(batch[k], batch[(k + 1) % len(batch)]) for k in range(self.rank, len(batch), self.world_size)]
+        return [mine[m: m + self.micro_batch_size] for m in range(0, len(mine), self.micro_batch_size)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -596,13 +626,14 @@ def inspect(args):
         print(f"note: {len(examples)} pair(s) cannot fill one batch of --batch_size {args.batch_size}: train.py needs "
               f"at least that many")
     padding = {}
-    for group_size in (0, args.batch_size):  # share of padded positions in the micro-batches of one epoch
-        shapes = [collate(b, 0)["attention_mask"]
-                  for b in batches(examples, args.micro_batch_size, 0, 1, seed=0, epoch=0, group_size=group_size)]
+    for grouped in (False, True):  # share of padded positions in the micro-batches of one epoch
+        epoch = Batches(examples, args.batch_size, args.micro_batch_size, group_by_length=grouped)
+        shapes = [collate([pair for pair, _ in micro], 0)["attention_mask"]
+                  for i in range(epoch.per_epoch) for micro in epoch(i)]
         positions = sum(m.numel() for m in shapes)
-        padding[group_size] = f"{1 - sum(int(m.sum()) for m in shapes) / positions:.1%}" if positions else "n/a"
-    print(f"padding in micro-batches of {args.micro_batch_size} pairs: {padding[0]} of positions, "
-          f"{padding[args.batch_size]} with --group_by_length (global batch {args.batch_size})")
+        padding[grouped] = f"{1 - sum(int(m.sum()) for m in shapes) / positions:.1%}" if positions else "n/a"
+    print(f"padding in micro-batches of {args.micro_batch_size} pairs: {padding[False]} of positions, "
+          f"{padding[True]} with --group_by_length (global batch {args.batch_size})")
     e = examples[0]
     print(f"\nrow {e['row']} as the model sees it (completion between ⟦ ⟧):")
     print(tokenizer.decode(e["prompt"]) + "⟦" + tokenizer.decode(e["chosen"]) + "⟧   <- chosen")
