@@ -47,9 +47,14 @@ class BadRow(ValueError):
 
 
 def hh_dialogue(text):
-    """'\\n\\nHuman: a\\n\\nAssistant: b ...' -> [{"role": "user", "content": "a"}, {"role": "assistant", ...}, ...]"""
-    messages = []
-    for chunk in text.split("\n\nHuman: ")[1:]:
+    """'\\n\\nHuman: a\\n\\nAssistant: b ...' -> [{"role": "user", "content": "a"}, {"role": "assistant", ...}, ...],
+    the turns as written: one that starts with the assistant keeps that turn (a chat template may refuse it)."""
+    first, *chunks = text.split("\n\nHuman: ")
+    before = first.split("\n\nAssistant: ")  # what precedes the first Human turn: Assistant turns, or nothing
+    if before[0].strip():
+        raise BadRow(f"the dialogue starts with {before[0][:40]!r}, not with a Human: or Assistant: turn")
+    messages = [{"role": "assistant", "content": t.strip()} for t in before[1:]]
+    for chunk in chunks:
         turns = chunk.split("\n\nAssistant: ")
         messages.append({"role": "user", "content": turns[0].strip()})
         messages += [{"role": "assistant", "content": t.strip()} for t in turns[1:]]
