@@ -19,6 +19,7 @@ import shutil
 import time
 
 import torch
+from jinja2 import TemplateError  # what a chat template's raise_exception raises (transformers)
 
 from guards import UserError
 
@@ -48,9 +49,14 @@ class BadRow(ValueError):
 
 
 def hh_dialogue(text):
-    """'\\n\\nHuman: a\\n\\nAssistant: b ...' -> [{"role": "user", "content": "a"}, {"role": "assistant", ...}, ...]"""
-    messages = []
-    for chunk in text.split("\n\nHuman: ")[1:]:
+    """'\\n\\nHuman: a\\n\\nAssistant: b ...' -> [{"role": "user", "content": "a"}, {"role": "assistant", ...}, ...],
+    the turns as written: one that starts with the assistant keeps that turn (a chat template may refuse it)."""
+    first, *chunks = text.split("\n\nHuman: ")
+    before = first.split("\n\nAssistant: ")  # what precedes the first Human turn: Assistant turns, or nothing
+    if before[0].strip():
+        raise BadRow(f"the dialogue starts with {before[0][:40]!r}, not with a Human: or Assistant: turn")
+    messages = [{"role": "assistant", "content": t.strip()} for t in before[1:]]
+    for chunk in chunks:
         turns = chunk.split("\n\nAssistant: ")
         messages.append({"role": "user", "content": turns[0].strip()})
         messages += [{"role": "assistant", "content": t.strip()} for t in turns[1:]]
@@ -207,6 +213,12 @@ def hub_row(name, row):
         return e
 
 
+def skips_bad_rows(name, skip_bad_rows):
+    """Whether bad rows are left out (counted) instead of stopping the run: always for the named hub sets, which are
+    known to be dirty (HH has empty and identical answers); for a user's file or the demo, with --skip_bad_rows."""
+    return skip_bad_rows or name in HUB
+
+
 def load_rows(name, split="train", skip_bad_rows=False, log=print, data_dir=None):
     """The rows of a dataset by name (see the top of this file); split is "train" or "test". Bad rows of the named hub
     sets (known to be dirty: HH has empty and identical answers) are skipped and counted; those of a user's file stop
@@ -219,7 +231,8 @@ def load_rows(name, split="train", skip_bad_rows=False, log=print, data_dir=None
     if name not in HUB:
         raise DataError(f"--dataset {name!r}: expected demo, {', '.join(HUB)} or a path ending in .jsonl")
     source, table = hub_split(name, split, data_dir)
-    return checked(source, ((f"{source}[{i}]", hub_row(name, row)) for i, row in enumerate(table)), True, log)
+    return checked(source, ((f"{source}[{i}]", hub_row(name, row)) for i, row in enumerate(table)),
+                   skips_bad_rows(name, skip_bad_rows), log)
 
 
 def shuffled(n, seed):
@@ -286,6 +299,10 @@ def load_splits(name, eval_pairs, seed=0, skip_bad_rows=False, log=print, data_d
 # template, or without one HH's '\n\nHuman: ...\n\nAssistant:' turns. A text prompt is one user turn under a chat
 # template; without a template it is raw text that the completion continues as written (TL;DR's '... TL;DR:' +
 # ' summary'), TRL's "standard" format. A completion ends with the template's end-of-turn token, or with EOS.
+# A row the template refuses (its raise_exception: roles that do not alternate, a system message under a template
+# without a system role) is a bad row, named with the template's message. We never rewrite the messages to please a
+# template (e.g. fold a system message into the first user turn): the prompt would change silently, and per model.
+REFUSED = "refused by the chat template"
 
 
 def plain_prompt(messages):
@@ -316,6 +333,23 @@ def plain_separator(prompt):
     return "" if isinstance(prompt, str) else " "  # HH writes "Assistant: answer"; text prompts carry their own
 
 
+def render_prompts(tokenizer, prompts, log=print):
+    """(prompts, their ids) to sample from (evaluate.py): the prompts ready for an answer, less those the chat template
+    refuses, which are left out and counted."""
+    kept, ids, problems = [], [], []
+    for i, prompt in enumerate(prompts):
+        try:
+            ids.append(render(tokenizer, prompt))
+            kept.append(prompt)
+        except TemplateError as e:
+            problems.append((f"prompt {i} {json.dumps(prompt)[:48]}...", f"{REFUSED}: {e}"))
+    if problems:
+        log(f"skipped {report(problems, len(prompts), 5)}")
+    if not kept:
+        raise DataError(f"{tokenizer.name_or_path}: its chat template refuses every prompt; see the count above")
+    return kept, ids
+
+
 ANSWER = "Sure, here it is: 42."  # any answer: what follows it in a rendered turn is the template's end of turn
 
 
@@ -326,7 +360,11 @@ def turn_end(tokenizer):
     no template, or one that marks no end, EOS. Sampling (evaluate.py) stops at this token, so both agree."""
     if tokenizer.chat_template is None:
         return "", [], tokenizer.eos_token_id
-    text = tokenizer.apply_chat_template(chat("Hi", ANSWER), tokenize=False)
+    try:
+        text = tokenizer.apply_chat_template(chat("Hi", ANSWER), tokenize=False)
+    except TemplateError as e:
+        raise DataError(f"{tokenizer.name_or_path}: its chat template refuses a plain question and answer ({e}), so "
+                        "no row can be rendered; use the model's own chat template, or fix it in its folder")
     after = text[text.rindex(ANSWER) + len(ANSWER):]
     ids = tokenizer(after, add_special_tokens=False)["input_ids"]
     added = tokenizer.added_tokens_decoder
@@ -399,7 +437,11 @@ def shorten(tokenizer, prompt, budget):
     return shorter, dropped, shorter is not prompt
 
 
-def encode_pair(row, tokenizer, ending, max_length, max_prompt_length):
+NO_IDS = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "turns_dropped": False, "text_cut": False,
+          "completion_cut": False, "refusal": ""}  # a row that gives no pair (its status says why)
+
+
+def fit_pair(row, tokenizer, ending, max_length, max_prompt_length):
     """One row -> its token ids, cut to fit max_length, and what was done to it. Chosen and rejected share one prompt:
     if prompt + the longer completion do not fit, the prompt is shortened (to max_prompt_length, or more if the
     completions leave room) by turns, then the completions are cut from the right (a cut one has no end token)."""
@@ -411,8 +453,7 @@ def encode_pair(row, tokenizer, ending, max_length, max_prompt_length):
     if len(prompt_ids) > budget:
         prompt, dropped, text_cut = shorten(tokenizer, prompt, budget)
         if prompt is None:
-            return {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "turns_dropped": dropped,
-                    "text_cut": text_cut, "completion_cut": False, "status": "dropped (prompt cannot fit)"}
+            return {**NO_IDS, "turns_dropped": dropped, "text_cut": text_cut, "status": "dropped (prompt cannot fit)"}
         prompt_ids, chosen = encode(tokenizer, prompt, row["chosen"], ending)
         _, rejected = encode(tokenizer, prompt, row["rejected"], ending, prompt_ids)
     room = max_length - len(prompt_ids)
@@ -421,7 +462,16 @@ def encode_pair(row, tokenizer, ending, max_length, max_prompt_length):
     # texts that differ only in what the tokenizer or the cut removed: no preference left, zero gradient
     status = "dropped (same tokens)" if chosen == rejected else "kept"
     return {"prompt_ids": prompt_ids, "chosen_ids": chosen, "rejected_ids": rejected, "turns_dropped": dropped,
-            "text_cut": text_cut, "completion_cut": completion_cut, "status": status}
+            "text_cut": text_cut, "completion_cut": completion_cut, "status": status, "refusal": ""}
+
+
+def encode_pair(row, tokenizer, ending, max_length, max_prompt_length):
+    """fit_pair's result, or for a row whose prompt or prompt + answer the chat template refuses, status REFUSED and
+    the template's own message (kept in the cache like any result: a refused row is not rendered again)."""
+    try:
+        return fit_pair(row, tokenizer, ending, max_length, max_prompt_length)
+    except TemplateError as e:  # what a template's raise_exception raises
+        return {**NO_IDS, "status": REFUSED, "refusal": str(e)}
 
 
 def cache_key(rows, tokenizer, max_length, max_prompt_length):
@@ -455,7 +505,8 @@ def tokenized_table(rows, tokenizer, max_length, max_prompt_length, cache_dir, p
         datasets.disable_progress_bars()
     ids = datasets.List(datasets.Value("int32"))
     features = datasets.Features({"prompt_ids": ids, "chosen_ids": ids, "rejected_ids": ids, "status": datasets.Value(
-        "string"), **{k: datasets.Value("bool") for k in ("turns_dropped", "text_cut", "completion_cut")}})
+        "string"), "refusal": datasets.Value("string"),
+        **{k: datasets.Value("bool") for k in ("turns_dropped", "text_cut", "completion_cut")}})
     table = datasets.Dataset.from_dict({"prompt": [json.dumps(r["prompt"]) for r in rows],  # text or messages
                                         "chosen": [r["chosen"] for r in rows],
                                         "rejected": [r["rejected"] for r in rows]})
@@ -486,16 +537,33 @@ def ragged(table, name):
     return torch.split(flat, pc.list_value_length(column).to_numpy().tolist())
 
 
-def tokenize(rows, tokenizer, max_length, max_prompt_length, log=print, cache_dir=None, processes=None):
+def refused(rows, table, tokenizer, skip_bad_rows, log):
+    """Rows the chat template refused are bad rows: named with their place and the template's message, an error
+    unless skip_bad_rows (see skips_bad_rows), else counted in the log."""
+    problems = [(rows[i].get("where", f"row {i}"), f"{REFUSED}: {refusal}")
+                for i, refusal in enumerate(table.data.column("refusal").to_pylist()) if refusal]
+    if problems and not skip_bad_rows:
+        raise DataError(f"{report(problems, len(rows), 20)}\nthe chat template of {tokenizer.name_or_path} refuses "
+                        "them: rewrite them as it requires (often: a user turn first, then turns that alternate, a "
+                        "system message only where it has a system role), or pass --skip_bad_rows to leave them out "
+                        "(they are counted)")
+    if problems:
+        log(f"skipped {report(problems, len(rows), 5)}")
+
+
+def tokenize(rows, tokenizer, max_length, max_prompt_length, log=print, cache_dir=None, processes=None,
+             skip_bad_rows=False):
     """Rows -> examples {"prompt", "chosen", "rejected": int32 tensors, "row": index}. Prints what it cut and dropped
     and the time it took. The result is kept on disk under cache_dir (default $TRDPO_TOKENIZED, or
-    ~/.cache/trdpo/tokenized), keyed by cache_key: a second run, and the other ranks under torchrun, read it back."""
+    ~/.cache/trdpo/tokenized), keyed by cache_key: a second run, and the other ranks under torchrun, read it back.
+    Rows the chat template refuses stop with their places, or with skip_bad_rows are left out and counted."""
     if not 0 < max_prompt_length < max_length:
         raise DataError(f"--max_prompt_length {max_prompt_length} must be between 0 and --max_length {max_length}")
     if not rows:
         return []
     start = time.time()
     table, how = tokenized_table(rows, tokenizer, max_length, max_prompt_length, cache_dir, processes)
+    refused(rows, table, tokenizer, skip_bad_rows, log)
     column = lambda name: table.data.column(name).to_pylist()  # noqa: E731
     status = column("status")
     prompts, chosen, rejected = (ragged(table, k) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
@@ -503,12 +571,13 @@ def tokenize(rows, tokenizer, max_length, max_prompt_length, log=print, cache_di
                 for i, s in enumerate(status) if s == "kept"]
     counts = {"prompt turns dropped": sum(column("turns_dropped")), "prompt text cut": sum(column("text_cut")),
               "completion cut": sum(column("completion_cut")),
-              **{s: status.count(s) for s in ("dropped (same tokens)", "dropped (prompt cannot fit)")}}
+              **{s: status.count(s) for s in ("dropped (same tokens)", "dropped (prompt cannot fit)", REFUSED)}}
     log(f"tokenized {len(examples)} of {len(rows)} pairs (max_length {max_length}) in {time.time() - start:.1f} s "
         f"({how}): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     if not examples:
         raise DataError("no pairs left after tokenization; see the counts above (a prompt cannot fit when "
-                        "--max_prompt_length leaves no room beside the chat template's own tokens)")
+                        "--max_prompt_length leaves no room beside the chat template's own tokens; a template that "
+                        "refuses every row wants another shape of conversation)")
     return examples
 
 
@@ -616,7 +685,7 @@ def inspect(args):
     from model import load_tokenizer
     rows = load_rows(args.dataset, args.split, skip_bad_rows=True, data_dir=args.data_dir)  # every problem at once
     tokenizer = load_tokenizer(args.model)
-    examples = tokenize(rows, tokenizer, args.max_length, args.max_prompt_length)
+    examples = tokenize(rows, tokenizer, args.max_length, args.max_prompt_length, skip_bad_rows=True)
     for name in ("prompt", "chosen", "rejected"):
         lengths = torch.tensor([len(e[name]) for e in examples], dtype=torch.float)
         q = torch.quantile(lengths, torch.tensor([0.5, 0.9, 0.99])).tolist()

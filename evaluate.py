@@ -22,7 +22,7 @@ import urllib.request
 
 import torch
 
-from data import collate, held_out, pad, render, to_device, tokenize, turn_end
+from data import collate, held_out, pad, render, render_prompts, to_device, tokenize, turn_end
 from guards import report_user_errors
 from model import load_model, load_tokenizer, sequence_logps
 
@@ -320,8 +320,8 @@ def main():
 
     sft_model, tokenizer = load_checkpoint(args.baseline)
     sft_model.to(device)
-    prompt_ids = [render(tokenizer, prompt) for prompt in prompts]
-    pairs = tokenize(test_rows[: args.n_pairs], tokenizer, 512, 256, log=lambda m: None)
+    prompts, prompt_ids = render_prompts(tokenizer, prompts)  # less those its chat template refuses, counted
+    pairs = tokenize(test_rows[: args.n_pairs], tokenizer, 512, 256, log=lambda m: None, skip_bad_rows=True)
     pair_batches = [to_device(collate(pairs[i: i + args.batch_size], tokenizer.pad_token_id), device)
                     for i in range(0, len(pairs), args.batch_size)]
     sft_pair_logps = pair_logps(sft_model, pair_batches)  # once, not per checkpoint
