@@ -26,7 +26,7 @@ import checkpoint
 import fsdp
 import guards
 import memory
-from data import Batches, DataError, collate, fingerprint, load_splits, to_device, tokenize
+from data import Batches, DataError, collate, fingerprint, load_splits, skips_bad_rows, to_device, tokenize
 from losses import METHODS
 from model import DEFAULT_MODEL, load_model, load_tokenizer, sequence_logps
 from ref_update import Rule, update_reference
@@ -73,8 +73,8 @@ p.add_argument("--log_interval", type=int, default=4, help="optimizer steps betw
 p.add_argument("--eval_interval", type=int, default=20, help="optimizer steps between evaluations on held-out pairs")
 p.add_argument("--eval_pairs", type=int, default=64, help="held-out pairs for eval and drift from SFT; 0 = no eval")
 p.add_argument("--save_interval", type=int, default=0, help="optimizer steps between checkpoints; 0 = only at the end")
-p.add_argument("--skip_bad_rows", action="store_true", help="leave malformed rows of a JSONL file out (counted) "
-               "instead of stopping; the hub sets always do")
+p.add_argument("--skip_bad_rows", action="store_true", help="leave bad rows of a JSONL file (malformed, or refused "
+               "by the chat template) out, counted, instead of stopping; the hub sets always do")
 p.add_argument("--skip_nonfinite", type=int, default=0, help="skip up to N steps whose loss or gradient is NaN/inf "
                "(counted); 0 = stop at the first, saving the last good state")
 p.add_argument("--dist_timeout", type=int, default=1800, help="seconds a collective may wait for a rank that hangs")
@@ -154,8 +154,9 @@ if distributed and not master:
     dist.barrier()
 rows, eval_rows = load_splits(args.dataset, args.eval_pairs, skip_bad_rows=args.skip_bad_rows, log=log,
                               data_dir=args.data_dir)
-train_set = tokenize(rows, tokenizer, args.max_length, args.max_prompt_length, log=log)
-eval_set = tokenize(eval_rows, tokenizer, args.max_length, args.max_prompt_length, log=log)
+skip = skips_bad_rows(args.dataset, args.skip_bad_rows)  # rows the chat template refuses are bad rows too
+train_set = tokenize(rows, tokenizer, args.max_length, args.max_prompt_length, log=log, skip_bad_rows=skip)
+eval_set = tokenize(eval_rows, tokenizer, args.max_length, args.max_prompt_length, log=log, skip_bad_rows=skip)
 if distributed and master:
     dist.barrier()
 batches = Batches(train_set, args.batch_size, args.micro_batch_size, rank, world_size, args.seed, args.group_by_length)
