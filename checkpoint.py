@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from guards import UserError
+from model import load_model
 
 # what a run writes into its out_dir: a folder holding any of these holds a run, and --overwrite removes them all
 RUN_FILES = ("args.json", "metrics.jsonl", "memory.json", "curves.png", "wandb", "step_*")
@@ -112,23 +113,6 @@ def read_progress(folder):
     return torch.load(os.path.join(folder, "state.pt"), map_location="cpu", mmap=True, weights_only=False)
 
 
-@torch.no_grad()
-def load_policy_weights(policy, folder):
-    """Copy the checkpoint's policy/ safetensors into `policy`, tensor by tensor from the memory-mapped files (never
-    a second whole model in memory). Tied weights are saved once and loaded once."""
-    from safetensors import safe_open
-    tensors = {**dict(policy.named_buffers()), **dict(policy.named_parameters(remove_duplicate=False))}
-    loaded = set()
-    for path in sorted(glob.glob(os.path.join(folder, "policy", "*.safetensors"))):
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                tensors[name].copy_(f.get_tensor(name))
-                loaded.add(id(tensors[name]))
-    missing = [n for n, p in policy.named_parameters(remove_duplicate=False) if id(p) not in loaded]
-    if missing:
-        raise UserError(f"{folder}/policy lacks {', '.join(missing[:3])}: not a checkpoint of this model")
-
-
 def load(folder, policy, reference, optimizer, fsdp, state):
     """Restore policy, the moved reference and the optimizer from `folder` (its state.pt already read: `state`)."""
     moving = reference is not None and state["run"]["method"].startswith("tr_")
@@ -146,7 +130,7 @@ def load(folder, policy, reference, optimizer, fsdp, state):
     else:
         if state["optimizer"] is None:
             raise UserError(f"{folder} was saved with --fsdp; resume it with --fsdp")
-        load_policy_weights(policy, folder)
+        policy.load_state_dict(load_model(os.path.join(folder, "policy")).state_dict())  # safetensors: mapped too
         optimizer.load_state_dict(state.pop("optimizer"))  # copied to the parameters' device and dtype
         if moving:
             reference.load_state_dict(state.pop("reference"))  # the reference the run had, not the SFT model

@@ -164,7 +164,7 @@ if batches.per_epoch == 0:
     raise DataError(f"{len(train_set)} training pairs cannot fill one batch of --batch_size {args.batch_size}")
 max_steps = args.max_steps or args.epochs * batches.per_epoch
 run = {**vars(args), "alpha": rule and rule.alpha, "tau": rule and rule.tau, "max_steps": max_steps}  # as in force
-data_sha256 = fingerprint(train_set)
+data_sha256 = fingerprint(train_set + eval_set)  # the pairs themselves: a resume must train and evaluate on them
 if state:  # a resume continues the same run, on the same pairs, or stops here, before any model loads
     checkpoint.check_same_run(state["run"], run, vars(p.parse_args([])), resume_from)
     if state.get("data_sha256", data_sha256) != data_sha256:

@@ -16,7 +16,7 @@ LOG2 = -F.logsigmoid(torch.tensor(0.0)).item()  # the DPO loss when policy == re
 # every run these tests read, made once: name -> (processes, flags); tiny Llama, pairs.jsonl, 4 pairs a step
 RUNS = {
     "ddp_hard": (2, ["--method", "tr_dpo", "--tau", "1", "--max_steps", "2"]),
-    "ddp_vanilla": (2, ["--method", "dpo", "--max_steps", "1"]),
+    "ddp_vanilla": (2, ["--method", "dpo", "--max_steps", "1", "--batch_size", "8"]),  # 2 micro-steps of 2 per rank
     "ddp_soft": (2, ["--method", "tr_dpo", "--alpha", "0.5", "--max_steps", "1"]),
     "fsdp2_hard": (2, ["--fsdp", "--method", "tr_dpo", "--tau", "1", "--max_steps", "2"]),
     "fsdp2_hard_bf16": (2, ["--fsdp", "--dtype", "bf16", "--method", "tr_dpo", "--tau", "1", "--max_steps", "2"]),
@@ -145,6 +145,50 @@ def test_fsdp_gradients_stay_sharded_during_gradient_accumulation(run):
     _, _, memory, _ = run("fsdp2_mix")
     for held in per_parameter(memory, "after the first backward"):
         assert held["gradients"] == pytest.approx(2, abs=0.01) and held["other"] < 0.1, held
+
+
+def test_ddp_gradients_stay_views_into_its_buckets_during_gradient_accumulation(run):
+    """After the first of two micro-steps (under no_sync) a DDP rank holds its gradients once: as views into DDP's
+    buckets, 4 bytes/parameter. Gradients set to None between steps would be allocated afresh by every no_sync
+    backward beside the buckets DDP always holds: 8 bytes/parameter, 24 in all after a step instead of 20."""
+    _, _, memory, _ = run("ddp_vanilla")
+    for held in per_parameter(memory, "after the first backward"):
+        assert held["gradients"] == pytest.approx(4, abs=0.01) and held["ddp_buckets"] == pytest.approx(0, abs=0.01)
+
+
+def test_the_policys_root_is_gathered_once_per_micro_step_and_resharded_after_a_forward_without_backward(tmp_path):
+    """FSDP2 keeps a root's gathered weights (embeddings, head) from forward to backward, which starts with them: per
+    micro-step the policy gathers its 2 blocks twice and its root once (5), not the root twice (6: the reference's
+    setting, which has no backward). After a forward without backward (evaluation, KTO's KL) fsdp.reshard gives the
+    root back, so that the reference update and checkpoints see shards."""
+    import torch.distributed as dist
+    import torch.distributed.fsdp._fully_shard._fsdp_param_group as group  # counted where FSDP2 gathers a group
+    from fsdp import reshard, shard
+    from model import load_model
+    gathers, unshard = [], group.FSDPParamGroup.unshard
+
+    def counted(self, *args, **kwargs):
+        if not self.is_unsharded and self._all_gather_result is None:  # a real gather, not an early return
+            gathers.append(self)
+        return unshard(self, *args, **kwargs)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    group.FSDPParamGroup.unshard = counted
+    try:
+        ids = torch.tensor([[1, 2, 3, 4]])
+        for reshard_root, expected in ((False, 5), (True, 6)):
+            model = shard(load_model(TINY), use_bf16=False, reshard_root=reshard_root)
+            gathers.clear()
+            model(input_ids=ids).logits.sum().backward()
+            assert len(gathers) == expected, (reshard_root, len(gathers))
+        with torch.no_grad():
+            model = shard(load_model(TINY), use_bf16=False)
+            model(input_ids=ids)
+        assert not hasattr(model.model.embed_tokens.weight, "to_local")  # the root's weights, gathered
+        reshard(model)
+        assert hasattr(model.model.embed_tokens.weight, "to_local")  # shards again (DTensors)
+    finally:
+        group.FSDPParamGroup.unshard = unshard
+        dist.destroy_process_group()
 
 
 def test_a_resumed_run_holds_no_second_copy_of_optimizer_or_reference(tmp_path):

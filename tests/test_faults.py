@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import PAIRS, ROOT, TINY
 from test_train import TINY_RUN, train
 
@@ -87,6 +89,47 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
     assert proc.returncode == 0 and "stopped by a signal after step" in log, log
     stopped = records(tmp_path)[-1]["step"]
     assert (tmp_path / f"step_{stopped:06d}" / "state.pt").exists() and "identical on all 2 ranks" in log
+
+
+def test_ctrl_c_to_torchrun_saves_at_a_step_boundary_then_torchrun_exits_1(tmp_path):
+    """Ctrl-C in a terminal signals the foreground process group: torchrun, which forwards SIGINT to its workers (each
+    in a session of its own) and kills them --shutdown-timeout seconds later (default 30). The workers finish the
+    step, save and exit 0; torchrun itself ends with its SignalException traceback and status 1, as the README says."""
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             os.path.join(ROOT, "train.py"), *TINY_RUN, "--max_steps", "100000", "--out_dir",
+                             str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            start_new_session=True)  # its own process group, as a shell's foreground job
+    metrics = tmp_path / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1 and "SignalException" in log and "KeyboardInterrupt" not in log, log
+    stopped = records(tmp_path)[-1]["step"]
+    assert f"stopped by a signal after step {stopped}" in log and (tmp_path / f"step_{stopped:06d}" / "state.pt").exists()
+
+
+@pytest.mark.parametrize("under_torchrun, saving, second_ctrl_c_stops_at_once", [
+    (False, False, True), (False, True, False), (True, False, False)])
+def test_a_second_ctrl_c_stops_at_once_only_under_plain_python_and_never_mid_save(under_torchrun, saving,
+                                                                                  second_ctrl_c_stops_at_once):
+    from guards import StopSignals
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        signals = StopSignals(under_torchrun)
+        signals.handle(signal.SIGINT, None)
+        assert signals.requested
+        signals.saving = saving
+        try:
+            signals.handle(signal.SIGINT, None)  # under torchrun: the launcher's forwarded copy, or a second Ctrl-C
+            stopped = False
+        except KeyboardInterrupt:
+            stopped = True
+        assert stopped == second_ctrl_c_stops_at_once
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
 
 
 def test_tokenizer_without_pad_token_or_chat_template_and_tied_embeddings_are_said_once(tmp_path):

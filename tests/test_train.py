@@ -207,9 +207,16 @@ def test_a_fresh_run_refuses_a_folder_that_holds_a_run_and_overwrite_replaces_it
                             "--max_steps", "2", "--out_dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     assert again.returncode != 0 and "Traceback" not in again.stderr
     assert f"error: {tmp_path} already holds a run" in again.stderr and "--resume" in again.stderr
-    records, _ = train(tmp_path, "--method", "dpo", "--max_steps", "1", "--overwrite")
+    (tmp_path / "curves.png").write_bytes(b"the old run's curves")  # what plot.py wrote for the old run
+    (tmp_path / "wandb").mkdir()
+    records, _ = train(tmp_path, "--method", "dpo", "--max_steps", "1", "--overwrite", "--eval_pairs", "4")
     assert [r["step"] for r in records] == [1]  # the old metrics and checkpoints are gone
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000001"]
+    assert not (tmp_path / "curves.png").exists() and not (tmp_path / "wandb").exists()
+    assert json.load(open(tmp_path / "args.json"))["eval_pairs"] == 4  # the new run's, and so is memory.json:
+    assert list(json.load(open(tmp_path / "memory.json"))["ranks"][0]) == ["after building the models",
+                                                                            "after the first backward",
+                                                                            "after the first step"]
 
 
 def test_resume_refuses_a_checkpoint_of_another_run_and_names_the_difference(tmp_path):
@@ -252,3 +259,67 @@ def test_plot_draws_several_runs_with_the_reference_updates_marked(tmp_path, sha
     assert reference_updates(read_run(hard)[0], 4) == [2, 4]
     assert reference_updates(read_run(dpo)[0], 4) == []
     assert reference_updates({"method": "tr_ipo", "alpha": 0.6, "tau": 1}, 4) == []  # every step: said in the legend
+
+
+def float64_mean_logps(model, example, completion):
+    """log pi(y|x) / |y| for one pair's completion, token by token in float64, the row alone."""
+    ids = torch.tensor([example["prompt"].tolist() + completion.tolist()])
+    with torch.no_grad():
+        logits = model(ids).logits[0].double()
+    start = len(example["prompt"])
+    return sum(torch.log_softmax(logits[start + t - 1], -1)[tok].item() for t, tok in enumerate(completion.tolist())
+               ) / len(completion)
+
+
+def test_with_ipo_average_held_out_margins_are_on_training_scale_per_token_means(tmp_path, chat_tokenizer):
+    from data import load_splits, tokenize
+    from model import load_model
+    records, _ = train(tmp_path, "--method", "ipo", "--ipo_average", "--max_steps", "1", "--eval_interval", "1")
+    policy = load_model(str(tmp_path / "step_000001" / "policy")).double()
+    sft = load_model(TINY).double()  # the reference of vanilla IPO: the SFT model, never moved
+    held = tokenize(load_splits(PAIRS, 8, log=lambda m: None)[1], chat_tokenizer, 64, 48, log=lambda m: None)
+    margins = [(float64_mean_logps(policy, e, e["chosen"]) - float64_mean_logps(sft, e, e["chosen"])) -
+               (float64_mean_logps(policy, e, e["rejected"]) - float64_mean_logps(sft, e, e["rejected"])) for e in held]
+    assert records[-1]["eval/rewards/margins"] == pytest.approx(0.1 * sum(margins) / len(margins), rel=1e-4)
+
+
+def wandb_records(out_dir):
+    """The records of an offline W&B run, read from its .wandb file (a LevelDB-style log of protobuf records)."""
+    import glob
+    import struct
+    from wandb.proto import wandb_internal_pb2
+    data = open(glob.glob(f"{out_dir}/wandb/offline-run-*/run-*.wandb")[0], "rb").read()
+    position, records, pending = 7, [], b""  # after the header ":W&B", 2 magic bytes and a version byte
+    while position + 7 <= len(data):
+        left = 32768 - position % 32768  # records never straddle a 7-byte header across 32 KiB blocks
+        crc, length, kind = struct.unpack("<IHB", data[position: position + 7]) if left >= 7 else (0, 0, 0)
+        if length == 0 and kind == 0:
+            position += left
+            continue
+        pending += data[position + 7: position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def test_wandb_gets_the_run_name_its_arguments_and_every_logged_record(tmp_path):
+    out = tmp_path / "tr_run"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY_RUN, "--max_steps", "2",
+                             "--wandb", "trdpo-tests", "--out_dir", str(out)], capture_output=True, text=True,
+                            cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = wandb_records(out)
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert (run.display_name, run.project, config["method"], config["max_steps"]) == ("tr_run", "trdpo-tests",
+                                                                                      "tr_dpo", 2)
+    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item} for r in records
+               if r.WhichOneof("record_type") == "history"]
+    logged = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [(h["step"], h["loss"], h["rewards/margins"]) for h in history] == \
+        [(r["step"], r["loss"], r["rewards/margins"]) for r in logged]
