@@ -11,12 +11,15 @@ import torch
 import torch.nn.functional as F
 
 
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
-    """Direct Preference Optimization (Rafailov et al. 2023). Returns (losses, chosen_rewards, rejected_rewards)."""
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+             label_smoothing=0.0):
+    """Direct Preference Optimization (Rafailov et al. 2023). Returns (losses, chosen_rewards, rejected_rewards).
+    label_smoothing eps: conservative DPO (Mitchell 2023), for labels flipped with probability eps."""
     # h = (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))
     h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
     # DPO (Rafailov et al. eq. 7): L = -log sigmoid(beta * h)
-    losses = -F.logsigmoid(beta * h)
+    # cDPO: L = -(1 - eps) log sigmoid(beta * h) - eps log sigmoid(-beta * h)
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     # implicit rewards r = beta * (log pi - log ref), logged only
     chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
@@ -54,7 +57,8 @@ def kto_loss(policy_logps, ref_logps, desirable, kl, beta, kto_lambda_d=1.0, kto
 # examples (KTO: chosen desirable, rejected undesirable, and the KL estimate), and its own flags, {name: (default,
 # help)}: train.py offers each as --name for this method (and its TR form) and passes it to the loss by name.
 METHODS = {
-    "dpo": (dpo_loss, "paired", {}),
+    "dpo": (dpo_loss, "paired", {"label_smoothing": (0.0, "conservative DPO (Mitchell 2023): the probability eps "
+                                                          "that a pair's preference is flipped; 0 = plain DPO")}),
     "ipo": (ipo_loss, "paired", {}),
     "kto": (kto_loss, "unpaired", {"kto_lambda_d": (1.0, "KTO weight of desirable (chosen) examples"),
                                    "kto_lambda_u": (1.0, "KTO weight of undesirable (rejected) examples")}),

@@ -56,6 +56,18 @@ def test_dpo_loss_matches_float64_closed_form(beta):
         expect(rejected_rewards[i].item(), beta * (pr[i].item() - rr[i].item()), f"{case}: rejected reward")
 
 
+@pytest.mark.parametrize("eps", [0.1, 0.3])
+def test_dpo_loss_with_label_smoothing_is_conservative_dpo(eps):
+    """cDPO (Mitchell 2023): the expected DPO loss when each label is flipped with probability eps."""
+    pc, pr, rc, rr = random_logps(seed=7)
+    losses, _, _ = returned(dpo_loss(pc, pr, rc, rr, 0.1, label_smoothing=eps), DPO, 16)
+    for i in range(len(pc)):
+        h = (pc[i].item() - rc[i].item()) - (pr[i].item() - rr[i].item())
+        expect(losses[i].item(), (1 - eps) * math.log(1 + math.exp(-0.1 * h)) + eps * math.log(1 + math.exp(0.1 * h)),
+               f"dpo_loss with label_smoothing {eps}, pair {i} (h = {h:.4f}): loss -(1 - eps) log sigmoid(beta h) "
+               f"- eps log sigmoid(-beta h)")
+
+
 def test_dpo_loss_is_log2_and_rewards_zero_when_policy_equals_reference():
     pc, pr, _, _ = random_logps()
     losses, chosen_rewards, rejected_rewards = returned(dpo_loss(pc, pr, pc.clone(), pr.clone(), beta=0.1), DPO, 16)

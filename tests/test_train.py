@@ -61,6 +61,13 @@ def test_every_method_trains_a_few_steps(method, tmp_path):
             method.removeprefix("tr_")], rel=1e-4)  # step 1: policy == reference
 
 
+def test_a_losss_own_flag_reaches_the_loss(tmp_path):
+    """--label_smoothing 0.5 (a label as likely flipped as not): at step 1, where policy == reference (h = 0), the
+    cDPO gradient -(1 - eps) beta sigmoid(-beta h) + eps beta sigmoid(beta h) is exactly 0."""
+    records, _ = train(tmp_path, "--method", "dpo", "--label_smoothing", "0.5", "--max_steps", "1")
+    assert records[0]["loss"] == pytest.approx(0.693147, rel=1e-5) and records[0]["grad_norm"] == 0
+
+
 def test_resume_continues_with_moved_reference(tmp_path, shared):
     straight, _, straight_dir = shared(*TR_EVERY_STEP, "--max_steps", "4")
     first, _ = train(tmp_path / "halves", *TR_EVERY_STEP, "--max_steps", "2")
@@ -111,6 +118,7 @@ def test_a_ddp_run_resumed_on_one_process_continues_as_one_process_would(tmp_pat
     (["--beta", "0"], "must be positive"),
     (["--batch_size", "6", "--micro_batch_size", "4"], "must be a multiple"),
     (["--method", "orpo"], "invalid choice"),
+    (["--method", "tr_ipo", "--label_smoothing", "0.1"], "--label_smoothing is an option of --method dpo and tr_dpo"),
 ])
 def test_bad_flags_are_refused_before_any_model_loads(flags, message):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags], capture_output=True, text=True)
