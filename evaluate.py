@@ -22,7 +22,8 @@ import urllib.request
 
 import torch
 
-from data import collate, held_out, pad, render, render_prompts, to_device, tokenize, turn_end
+from data import collate, pad, render, render_prompts, to_device, tokenize, turn_end
+from sources import held_out
 from guards import report_user_errors
 from model import load_model, load_tokenizer, sequence_logps
 
@@ -55,7 +56,7 @@ Better: <A, B or tie>"""
 
 def gold_judge(tasks):
     """The demo set's programmatic judge (gold.py): the higher gold score wins."""
-    from gold import score
+    from demo.gold import score
 
     def compare(i, prompt, a, b):
         sa, sb = score(tasks[i], a), score(tasks[i], b)
@@ -303,7 +304,7 @@ def main():
     # held-out pairs drawn at random from the test split (for a JSONL file: from the file; see data.held_out)
     test_rows = held_out(args.prompts, max(args.n_prompts, args.n_pairs), skip_bad_rows=True, data_dir=args.data_dir)
     if args.prompts == "demo":  # the gold judge's tasks, held out from training
-        tasks = [json.loads(line) for line in open(os.path.join(HERE, "data", "demo_prompts_eval.jsonl"))][: args.n_prompts]
+        tasks = [json.loads(line) for line in open(os.path.join(HERE, "demo", "prompts_eval.jsonl"))][: args.n_prompts]
         prompts = [t["prompt"] for t in tasks]
     else:
         prompts = list({json.dumps(r["prompt"]): r["prompt"] for r in test_rows}.values())[: args.n_prompts]

@@ -26,7 +26,8 @@ import checkpoint
 import fsdp
 import guards
 import memory
-from data import Batches, DataError, collate, fingerprint, load_splits, skips_bad_rows, to_device, tokenize
+from data import Batches, collate, fingerprint, to_device, tokenize
+from sources import DataError, load_splits, skips_bad_rows
 from losses import METHODS
 from model import DEFAULT_MODEL, load_model, load_tokenizer, sequence_logps
 from ref_update import Rule, update_reference

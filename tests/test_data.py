@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import PAIRS, ROOT, TINY
-from data import (Batches, DataError, collate, encode, hh_row, load_rows, load_splits, normalize, plain_prompt,
-                  tokenize)
+from data import Batches, collate, encode, plain_prompt, tokenize
+from sources import DataError, hh_row, load_rows, load_splits, normalize
 from families import BEGIN_OF_TEXT, EOT_ID, tokenizer_of
 
 HH_CHOSEN = ("\n\nHuman: What is a good name for a cat?\n\nAssistant: Whiskers is popular.\n\nHuman: Another one?"

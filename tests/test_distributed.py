@@ -207,7 +207,8 @@ def test_a_resumed_run_holds_no_second_copy_of_optimizer_or_reference(tmp_path):
 
 def test_under_fsdp_bf16_a_bf16_reference_computes_exactly_like_the_fp32_policy(tmp_path, chat_tokenizer):
     import torch.distributed as dist
-    from data import collate, load_rows, tokenize
+    from data import collate, tokenize
+    from sources import load_rows
     from fsdp import shard
     from model import load_model, sequence_logps
     batch = collate(tokenize(load_rows(PAIRS)[:4], chat_tokenizer, 64, 48, log=lambda m: None), 0)
@@ -228,7 +229,8 @@ def test_under_autocast_a_bf16_copy_does_not_compute_like_its_fp32_master(chat_t
     """Why DDP keeps the reference in fp32: embeddings and norms run in the weights' own dtype, so a bf16 copy of
     the policy gives other log-probs than the policy under bf16 autocast, and a step-1 loss that is not log 2."""
     import copy
-    from data import collate, load_rows, tokenize
+    from data import collate, tokenize
+    from sources import load_rows
     from model import load_model, sequence_logps
     batch = collate(tokenize(load_rows(PAIRS)[:4], chat_tokenizer, 64, 48, log=lambda m: None), 0)
     policy = load_model(TINY)

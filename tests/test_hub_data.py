@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from conftest import ROOT, TINY
-from data import DataError, load_splits, tokenize
+from data import tokenize
+from sources import DataError, load_splits
 from families import tokenizer_of
 from hub_layout import HH, hh, write_hh, write_tldr, write_ultrafeedback
 

@@ -12,7 +12,8 @@ import pytest
 
 import data
 from conftest import PAIRS, ROOT, TINY
-from data import DataError, load_rows, render_prompts, skips_bad_rows, tokenize, turn_end
+from data import render_prompts, tokenize, turn_end
+from sources import DataError, load_rows, skips_bad_rows
 from test_train import TINY_RUN
 
 ALTERNATE = "Conversation roles must alternate user/assistant/user/assistant/..."

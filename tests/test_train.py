@@ -280,7 +280,8 @@ def float64_mean_logps(model, example, completion):
 
 
 def test_with_ipo_average_held_out_margins_are_on_training_scale_per_token_means(tmp_path, chat_tokenizer):
-    from data import load_splits, tokenize
+    from data import tokenize
+    from sources import load_splits
     from model import load_model
     records, _ = train(tmp_path, "--method", "ipo", "--ipo_average", "--max_steps", "1", "--eval_interval", "1")
     policy = load_model(str(tmp_path / "step_000001" / "policy")).double()
