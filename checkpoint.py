@@ -16,6 +16,7 @@ draws random numbers (dropout is off, the data order is a function of the seed a
 saved: a run resumes where fewer or other GPUs are visible.
 """
 import glob
+import json
 import os
 import shutil
 
@@ -33,6 +34,32 @@ RUN_FILES = ("args.json", "metrics.jsonl", "memory.json", "curves.png", "wandb",
 MAY_CHANGE = ("out_dir", "overwrite", "resume", "log_interval", "eval_interval", "save_interval", "micro_batch_size",
               "grad_ckpt", "dist_timeout", "skip_nonfinite", "data_dir", "wandb", "epochs")
 LENGTH = ("max_steps",)  # may change under --schedule constant only: a decaying schedule is a function of it
+
+
+class Metrics:
+    """The run's log records: a line each in out_dir/metrics.jsonl, and with --wandb PROJECT to Weights & Biases too
+    (imported only then; the run named after out_dir, its arguments as the config). Rank 0 writes."""
+
+    def __init__(self, out_dir, run, wandb_project, master):
+        self.file = open(os.path.join(out_dir, "metrics.jsonl"), "a") if master else None
+        self.wandb = None
+        if wandb_project and master:
+            import wandb
+            self.wandb = wandb.init(project=wandb_project, name=os.path.basename(os.path.normpath(out_dir)),
+                                    config=run, dir=out_dir)
+
+    def write(self, record):
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        if self.wandb:
+            self.wandb.log(record, step=record["step"])
+
+    def close(self):
+        if self.file:
+            self.file.close()
+        if self.wandb:
+            self.wandb.finish()
 
 
 def completed(out_dir):
@@ -70,6 +97,15 @@ def check_same_run(saved, current, defaults, where):
     if differences:
         raise UserError(f"{where} belongs to another run: " + "; ".join(differences) +
                         ". Resume with the same arguments, or start a fresh run in another --out_dir.")
+
+
+def check_resume(state, run, defaults, data_sha256, where):
+    """The same run (its arguments), on the same pairs (a hash of their token ids: the data, its bad rows, the
+    held-out draw, the tokenizer and the lengths all show in it)."""
+    check_same_run(state["run"], run, defaults, where)
+    if state.get("data_sha256", data_sha256) != data_sha256:
+        raise UserError(f"the training pairs differ from those {where} trained on (the data, its bad rows, "
+                        "--eval_pairs, the tokenizer or the lengths changed); start a fresh run in another --out_dir")
 
 
 def save(out_dir, policy, reference, optimizer, tokenizer, progress, fsdp, master):

@@ -371,6 +371,18 @@ def collate(examples, pad_id, method="dpo", max_length=None, neighbours=None):
     return batch
 
 
+def held_out_batches(examples, rank, world_size, micro_batch_size, pad_id):
+    """This rank's share of the held-out pairs, as (batch, weights) of micro_batch_size pairs. A rank with fewer pairs
+    gets weight-0 copies to make up the difference: every rank runs the same number of forwards (under FSDP each
+    forward is all-gathers that every rank must join), and the metrics stay exact means over the pairs scored."""
+    per_rank = -(-len(examples) // world_size)
+    mine = examples[rank::world_size]
+    weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
+    mine = mine + examples[:1] * (per_rank - len(mine))
+    return [(collate(mine[i: i + micro_batch_size], pad_id), torch.tensor(weights[i: i + micro_batch_size]))
+            for i in range(0, per_rank, micro_batch_size)]
+
+
 class Batches:
     """The run's global batches, numbered from 0 over all epochs: batch `index` is the same pairs whatever the number
     of processes and micro-batches, so the same command means the same optimization on 1 or 8 GPUs.

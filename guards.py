@@ -1,6 +1,7 @@
 """Run guards: what keeps a long run honest when something goes wrong. None of it is the method; train.py calls each
 piece once, by name.
 
+- Flags no run can use are refused before anything loads (`check_flags`).
 - A user's mistake is one sentence: every entry point calls `report_user_errors()`, and a UserError that reaches
   the top prints as `error: <message>` on stderr, on a line of its own (after any progress bar), exit status 1.
   Any other exception keeps its traceback: that is a bug.
@@ -42,6 +43,28 @@ def fail(message):
     """Stop the run, exit status 1: a failure of the run, not of its input (those are UserErrors)."""
     say(f"error: {message}")
     raise SystemExit(1)
+
+
+def check_flags(parser, args, method, rule):
+    """train.py's flag values that no run can use, each refused by argparse with the flag's name (status 2)."""
+    from losses import METHODS
+    if rule and not 0 <= rule.alpha <= 1:
+        parser.error(f"--alpha {rule.alpha} must lie in [0, 1] (the weight of the policy in the reference update)")
+    if rule and rule.tau < 1:
+        parser.error(f"--tau {rule.tau} must be at least 1 (the reference is updated every tau optimizer steps)")
+    for other, (_, _, flags) in METHODS.items():  # a loss's own option given to another method
+        for name, (default, _) in flags.items():
+            if other != method and getattr(args, name) != default:
+                parser.error(f"--{name} is an option of --method {other} and tr_{other}, not of {args.method}")
+    if args.ipo_average and method != "ipo":
+        parser.error(f"--ipo_average is an option of --method ipo and tr_ipo, not of {args.method}")
+    if args.beta <= 0:
+        parser.error(f"--beta {args.beta} must be positive")
+    if args.max_steps is not None and args.max_steps < 1:
+        parser.error(f"--max_steps {args.max_steps} must be at least 1 (leave it out to train for --epochs)")
+    if method == "kto" and args.batch_size < 2:
+        parser.error("KTO estimates its KL on mismatched pairs, each prompt with the next pair's completions: "
+                     "--batch_size must be at least 2")
 
 
 class StopSignals:

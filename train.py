@@ -26,7 +26,7 @@ import checkpoint
 import fsdp
 import guards
 import memory
-from data import Batches, collate, fingerprint, to_device, tokenize
+from data import Batches, collate, fingerprint, held_out_batches, to_device, tokenize
 from sources import DataError, load_splits, skips_bad_rows
 from losses import METHODS
 from model import DEFAULT_MODEL, load_model, load_tokenizer, sequence_logps
@@ -98,23 +98,7 @@ elif args.alpha is None:
     rule = Rule(alpha=1.0, tau=args.tau)  # --tau alone: the paper's hard update, a copy every tau steps
 else:
     rule = Rule(alpha=args.alpha, tau=args.tau)  # both: TRL's reading, a mix every tau steps
-if rule and not 0 <= rule.alpha <= 1:
-    p.error(f"--alpha {rule.alpha} must lie in [0, 1] (the weight of the policy in the reference update)")
-if rule and rule.tau < 1:
-    p.error(f"--tau {rule.tau} must be at least 1 (the reference is updated every tau optimizer steps)")
-for other, (_, _, flags) in METHODS.items():
-    for name, (default, _) in flags.items():
-        if other != method and getattr(args, name) != default:
-            p.error(f"--{name} is an option of --method {other} and tr_{other}, not of {args.method}")
-if args.ipo_average and method != "ipo":
-    p.error(f"--ipo_average is an option of --method ipo and tr_ipo, not of {args.method}")
-if args.beta <= 0:
-    p.error(f"--beta {args.beta} must be positive")
-if args.max_steps is not None and args.max_steps < 1:
-    p.error(f"--max_steps {args.max_steps} must be at least 1 (leave it out to train for --epochs)")
-if method == "kto" and args.batch_size < 2:
-    p.error("KTO estimates its KL on mismatched pairs, each prompt with the next pair's completions: --batch_size "
-            "must be at least 2")
+guards.check_flags(p, args, method, rule)  # values no run can use: refused now, before anything loads
 out_dir = args.out_dir or os.path.join("out", f"{args.method}-{os.path.basename(args.dataset).removesuffix('.jsonl')}")
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -167,10 +151,7 @@ max_steps = args.max_steps or args.epochs * batches.per_epoch
 run = {**vars(args), "alpha": rule and rule.alpha, "tau": rule and rule.tau, "max_steps": max_steps}  # as in force
 data_sha256 = fingerprint(train_set + eval_set)  # the pairs themselves: a resume must train and evaluate on them
 if state:  # a resume continues the same run, on the same pairs, or stops here, before any model loads
-    checkpoint.check_same_run(state["run"], run, vars(p.parse_args([])), resume_from)
-    if state.get("data_sha256", data_sha256) != data_sha256:
-        raise DataError(f"the training pairs differ from those {resume_from} trained on (the data, its bad rows, "
-                        "--eval_pairs, the tokenizer or the lengths changed); start a fresh run in another --out_dir")
+    checkpoint.check_resume(state, run, vars(p.parse_args([])), data_sha256, resume_from)
     if state["step"] >= max_steps:
         log(f"{out_dir} is complete: step {state['step']} of {max_steps}; nothing to do")
         guards.finish() if distributed else sys.exit(0)
@@ -199,16 +180,8 @@ report_memory("after building the models", policy, reference)  # with --fsdp: sh
 if getattr(policy.config, "tie_word_embeddings", False):
     log("note: input and output embeddings are tied: one tensor, updated (and mixed into the reference) once")
 
-# The held-out pairs, split over the ranks. A rank with fewer pairs gets weight-0 copies to make up the difference:
-# every rank runs the same number of forwards (under FSDP each forward is all-gathers that every rank must join),
-# and the metrics stay exact means over the pairs actually scored.
-per_rank = -(-len(eval_set) // world_size)
-mine = eval_set[rank::world_size]
-weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
-mine = mine + eval_set[:1] * (per_rank - len(mine))
-eval_batches = [(to_device(collate(mine[i: i + args.micro_batch_size], tokenizer.pad_token_id), device),
-                 torch.tensor(weights[i: i + args.micro_batch_size], device=device))
-                for i in range(0, per_rank, args.micro_batch_size)]
+eval_batches = [(to_device(batch, device), weights.to(device)) for batch, weights in  # this rank's share, padded
+                held_out_batches(eval_set, rank, world_size, args.micro_batch_size, tokenizer.pad_token_id)]
 
 
 @torch.no_grad()
@@ -353,25 +326,7 @@ def save():
     return final
 
 
-metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a") if master else None
-wandb_run = None
-if args.wandb and master:  # optional: imported only when asked for
-    import wandb
-    wandb_run = wandb.init(project=args.wandb, name=os.path.basename(os.path.normpath(out_dir)), config=run,
-                           dir=out_dir)
-
-
-def write_record(record):
-    """A log line's metrics: to the console, to out_dir/metrics.jsonl, and to W&B with --wandb (rank 0 writes)."""
-    bar.set_postfix(loss=f"{record['loss']:.3f}")
-    log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-    if metrics_file:
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-    if wandb_run:
-        wandb_run.log(record, step=record["step"])
-
-
+metrics = checkpoint.Metrics(out_dir, run, args.wandb, master)  # metrics.jsonl, and W&B with --wandb
 log(f"{args.method}: {len(train_set)} pairs ({len(train_set) % args.batch_size} left over each epoch), {max_steps} "
     f"steps of {args.batch_size} pairs ({world_size} process{'es' if world_size > 1 else ''} x "
     f"{args.micro_batch_size} x {grad_accum} accumulation), device {device}, {'bf16 autocast' if use_bf16 else 'fp32'}"
@@ -435,10 +390,13 @@ while step < max_steps:
                 ("a copy of the policy" if not rule.mixes else f"alpha {rule.weight(step):g}"))
     if step % args.log_interval == 0 or step in (1, max_steps):  # means since the last line, over all ranks
         n, tokens, grad_norms = step - logged_step, since_log.pop("tokens"), since_log.pop("grad_norm")
-        write_record({"step": step, **{k: v / (n * args.batch_size) for k, v in since_log.items() if k != "stop"},
-                      "grad_norm": grad_norms / n, "lr": lr, "tokens_per_s": tokens / (time.time() - t0),
-                      "ref_updates": ref_updates, "skipped_steps": skipped,
-                      "epoch": (step + skipped - 1) // batches.per_epoch, **held_out})
+        record = {"step": step, **{k: v / (n * args.batch_size) for k, v in since_log.items() if k != "stop"},
+                  "grad_norm": grad_norms / n, "lr": lr, "tokens_per_s": tokens / (time.time() - t0),
+                  "ref_updates": ref_updates, "skipped_steps": skipped,
+                  "epoch": (step + skipped - 1) // batches.per_epoch, **held_out}
+        log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        bar.set_postfix(loss=f"{record['loss']:.3f}")
+        metrics.write(record)
         since_log, logged_step, t0 = {}, step, time.time()
     if (args.save_interval and step % args.save_interval == 0) or step == max_steps or totals["stop"]:
         last_checkpoint = save()
@@ -458,9 +416,6 @@ if step == max_steps:  # what happened, and what to do next
             f"SFT: chosen {held_out['drift/chosen']:+.2f}, rejected {held_out['drift/rejected']:+.2f} nats")
     log(f"next: python plot.py {out_dir}   (the curves, with the reference updates marked)\n"
         f"      python evaluate.py {out_dir}/step_* --baseline {args.model}   (samples: win rate, KL to SFT)")
-if metrics_file:
-    metrics_file.close()
-if wandb_run:
-    wandb_run.finish()
+metrics.close()
 if distributed:
     guards.finish()

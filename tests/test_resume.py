@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import checkpoint
-from conftest import PAIRS, ROOT, TINY
+from conftest import PAIRS, ROOT
 from guards import UserError
 from test_train import TINY_RUN
 
