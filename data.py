@@ -12,7 +12,6 @@ import collections
 import hashlib
 import json
 import os
-import random
 import shutil
 import time
 
@@ -401,9 +400,8 @@ class Batches:
     def epoch_order(self, epoch):
         """The pairs of one epoch in training order, whole global batches only."""
         if self.order[0] != epoch:
-            order = list(range(len(self.examples)))
-            rng = random.Random(f"{self.seed}:{epoch}")  # seeded from text: every (seed, epoch) an independent order
-            rng.shuffle(order)
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)  # one stream per (seed, epoch): seed s's
+            order = torch.randperm(len(self.examples), generator=g).tolist()  # 2nd epoch is not seed s+1's 1st
             if self.group_by_length:  # sort windows of 64 global batches by length, cut into batches, shuffle those
                 def length(i):  # the padded length of the pair's two rows
                     e = self.examples[i]
@@ -412,8 +410,7 @@ class Batches:
                 order = [i for w in range(0, len(order), window) for i in sorted(order[w: w + window], key=length)]
                 whole = [order[b: b + self.batch_size] for b in range(0, self.per_epoch * self.batch_size,
                                                                       self.batch_size)]  # a partial one is left over
-                rng.shuffle(whole)
-                order = [i for batch in whole for i in batch]
+                order = [i for b in torch.randperm(len(whole), generator=g).tolist() for i in whole[b]]
             self.order = (epoch, order[: self.per_epoch * self.batch_size])
         return self.order[1]
 

@@ -91,7 +91,8 @@ def test_fsdp_mix_every_tau_steps_matches_one_process(run, tmp_path):
     expected = torch.load(out_one / "step_000004" / "state.pt", weights_only=False)["reference"]
     # reduce-scatter sums gradients in another order than one process: Adam can turn that rounding into ~1e-6 (lr
     # 1e-3), and now and then, where a gradient element is near 0, into 2e-5 (one element of 1.6M seen)
-    assert all(torch.allclose(reference[k], expected[k], atol=5e-5) for k in expected)
+    worst = max((reference[k] - expected[k]).abs().max().item() for k in expected)
+    assert worst < 5e-5, worst
     for a, b in zip(records_one, records_fsdp):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
 

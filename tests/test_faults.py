@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import PAIRS, ROOT, TINY
+from conftest import PAIRS, ROOT, TINY, train_py
 from test_train import TINY_RUN, train
 
 
@@ -38,19 +38,16 @@ def test_sigterm_saves_at_a_step_boundary_and_resume_is_bit_exact(tmp_path):
 
 def test_nonfinite_loss_stops_with_step_rows_and_last_good_checkpoint(tmp_path):
     # lr 1e30: step 1 is finite but throws the weights to ~1e30, so step 2's forward overflows
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY_RUN, "--lr", "1e30",
-                             "--max_steps", "5", "--out_dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "error: non-finite step 2" in result.stderr and "pairs.jsonl:" in result.stderr
+    status, log = train_py(*TINY_RUN, "--lr", "1e30", "--max_steps", "5", "--out_dir", tmp_path)
+    assert status == 1 and "Traceback" not in log
+    assert "error: non-finite step 2" in log and "pairs.jsonl:" in log
     assert (tmp_path / "step_000001" / "state.pt").exists() and not (tmp_path / "step_000002").exists()
 
 
 def test_skip_nonfinite_counts_skipped_steps_and_gives_up_past_the_limit(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY_RUN, "--lr", "1e30",
-                             "--max_steps", "5", "--skip_nonfinite", "3", "--out_dir", str(tmp_path)],
-                            capture_output=True, text=True, cwd=ROOT)
-    log = result.stdout + result.stderr
-    assert result.returncode != 0
+    status, log = train_py(*TINY_RUN, "--lr", "1e30", "--max_steps", "5", "--skip_nonfinite", "3", "--out_dir",
+                           tmp_path)
+    assert status == 1
     assert log.count("warning: skipped step 2") == 3 and "(3 of at most 3" in log and "error: non-finite step 2" in log
 
 
@@ -143,11 +140,10 @@ def test_tokenizer_without_pad_token_or_chat_template_and_tied_embeddings_are_sa
     (folder / "chat_template.jinja").unlink(missing_ok=True)
     flags = [f for f in TINY_RUN]
     flags[flags.index("--model") + 1] = str(folder)
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags, "--max_steps", "2",
-                             "--out_dir", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-2000:]
+    status, log = train_py(*flags, "--max_steps", "2", "--out_dir", tmp_path / "out")
+    assert status == 0, log[-2000:]
     for note in ("has no pad token", "has no chat template", "embeddings are tied"):
-        assert result.stdout.count(note) + result.stderr.count(note) == 1, note
+        assert log.count(note) == 1, note
 
 
 def test_bad_data_stops_train_py_with_file_and_line_and_no_traceback(tmp_path):
@@ -159,6 +155,5 @@ def test_bad_data_stops_train_py_with_file_and_line_and_no_traceback(tmp_path):
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "bad.jsonl:42: missing field(s) rejected" in result.stderr
-    ok = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags, "--skip_bad_rows", "--max_steps", "1",
-                         "--out_dir", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT)
-    assert ok.returncode == 0 and "skipped 1 bad row(s) of 42" in ok.stdout + ok.stderr
+    status, log = train_py(*flags, "--skip_bad_rows", "--max_steps", "1", "--out_dir", tmp_path / "o")
+    assert status == 0 and "skipped 1 bad row(s) of 42" in log

@@ -7,26 +7,24 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import threading
 
 import pytest
 import torch
 
 import checkpoint
-from conftest import PAIRS, ROOT
+from conftest import PAIRS, ROOT, train_py
 from guards import UserError
 from test_train import TINY_RUN
 
 FLAGS = [*TINY_RUN, "--method", "tr_dpo", "--tau", "2", "--schedule", "cosine", "--max_steps", "2"]
 
 
-def train_py(out_dir, *flags, dataset=PAIRS):
-    command = [sys.executable, os.path.join(ROOT, "train.py"), *FLAGS, *flags, "--out_dir", str(out_dir)]
-    command[command.index("--dataset") + 1] = str(dataset)
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    return result.returncode, result.stdout + result.stderr
+def run(out_dir, *flags, dataset=PAIRS):
+    """(exit status, log) of train.py on the tiny model, the flags above and these, on `dataset`."""
+    arguments = [*FLAGS, *flags, "--out_dir", out_dir]
+    arguments[arguments.index("--dataset") + 1] = dataset
+    return train_py(*arguments)
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +33,15 @@ def finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("finished")
     dataset = out / "pairs.jsonl"
     shutil.copy(PAIRS, dataset)
-    status, log = train_py(out / "run", dataset=dataset)
+    status, log = run(out / "run", dataset=dataset)
     assert status == 0, log
     return out / "run", dataset
 
 
 def help_flags():
     """Every flag train.py offers, read from its --help."""
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--help"], capture_output=True, text=True,
-                         cwd=ROOT).stdout
+    status, out = train_py("--help")
+    assert status == 0, out
     return sorted(set(re.findall(r"^\s+--(\w+)", out, re.MULTILINE)) - {"help"})
 
 
@@ -92,7 +90,7 @@ def test_the_readme_states_the_flags_a_resume_may_change_as_the_code_does():
 
 def test_resuming_a_cosine_run_with_more_steps_is_refused_before_any_model_loads(finished):
     out, dataset = finished
-    status, log = train_py(out, "--max_steps", "4", "--resume", dataset=dataset)
+    status, log = run(out, "--max_steps", "4", "--resume", dataset=dataset)
     assert status == 1 and "--max_steps 2 in the checkpoint, 4 now" in log and "Traceback" not in log, log
     assert "memory after building" not in log  # refused before the models were built
 
@@ -100,7 +98,7 @@ def test_resuming_a_cosine_run_with_more_steps_is_refused_before_any_model_loads
 def test_resuming_a_finished_run_says_so_and_exits_0(finished):
     """A requeue loop passes --resume every time: the run that is done must not fail (it raised NameError)."""
     out, dataset = finished
-    status, log = train_py(out, "--resume", dataset=dataset)
+    status, log = run(out, "--resume", dataset=dataset)
     assert status == 0 and f"{out} is complete: step 2 of 2; nothing to do" in log, log
 
 
@@ -110,7 +108,7 @@ def test_resuming_on_other_training_pairs_is_refused(finished):
     original = open(dataset).read()
     try:
         open(dataset, "w").write(original.replace('"chosen": "74"', '"chosen": "seventy-four"', 1))
-        status, log = train_py(out, "--resume", dataset=dataset)
+        status, log = run(out, "--resume", dataset=dataset)
     finally:
         open(dataset, "w").write(original)
     assert status == 1 and "the training pairs differ from those" in log and "Traceback" not in log, log

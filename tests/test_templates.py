@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import data
-from conftest import PAIRS, ROOT, TINY
+from conftest import PAIRS, ROOT, TINY, train_py
 from data import render_prompts, tokenize, turn_end
 from sources import DataError, load_rows, skips_bad_rows
 from test_train import TINY_RUN
@@ -200,8 +200,10 @@ def test_train_py_stops_at_a_refused_row_with_its_line_and_the_templates_message
 
 def test_train_py_with_skip_bad_rows_trains_on_the_rest_and_counts_the_refused_rows(refusing_model, tmp_path):
     path = write(tmp_path / "mine.jsonl", [row for row, _ in LINES], before=open(PAIRS).read())
-    result = run_train(refusing_model, path, tmp_path, "--skip_bad_rows", "--max_steps", "1")
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-3000:]
+    args = [f for f in TINY_RUN]
+    args[args.index("--model") + 1], args[args.index("--dataset") + 1] = refusing_model, path
+    status, log = train_py(*args, "--eval_pairs", "0", "--skip_bad_rows", "--max_steps", "1", "--out_dir",
+                           tmp_path / "out")
+    assert status == 0, log[-3000:]
     assert "skipped 3 bad row(s) of 46" in log and "tokenized 43 of 46 pairs" in log
     assert (tmp_path / "out" / "step_000001").is_dir()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PAIRS, ROOT, TINY
+from conftest import PAIRS, ROOT, TINY, train_py
 
 TINY_RUN = ["--model", TINY, "--dataset", PAIRS, "--eval_pairs", "8", "--batch_size", "4", "--micro_batch_size", "2",
             "--log_interval", "1", "--eval_interval", "2", "--max_length", "64", "--max_prompt_length", "48",
@@ -16,13 +16,17 @@ TINY_RUN = ["--model", TINY, "--dataset", PAIRS, "--eval_pairs", "8", "--batch_s
 
 
 def train(out_dir, *flags, nproc=1):
-    torchrun = nproc > 1 or "--fsdp" in flags
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if torchrun else [sys.executable]
-    result = subprocess.run(launcher + [os.path.join(ROOT, "train.py"), *TINY_RUN, "--out_dir", str(out_dir), *flags],
-                            capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))], result.stdout + result.stderr
+    """(metrics records, log) of a successful train.py run on the tiny model: under torchrun for several processes
+    or --fsdp, else in this process (conftest.train_py)."""
+    if nproc > 1 or "--fsdp" in flags:
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 f"--nproc_per_node={nproc}", os.path.join(ROOT, "train.py"), *TINY_RUN, "--out_dir",
+                                 str(out_dir), *flags], capture_output=True, text=True, cwd=ROOT, timeout=600)
+        status, log = result.returncode, result.stdout + result.stderr
+    else:
+        status, log = train_py(*TINY_RUN, "--out_dir", out_dir, *flags)
+    assert status == 0, log[-6000:]
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))], log
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +125,8 @@ def test_a_ddp_run_resumed_on_one_process_continues_as_one_process_would(tmp_pat
     (["--method", "tr_ipo", "--label_smoothing", "0.1"], "--label_smoothing is an option of --method dpo and tr_dpo"),
 ])
 def test_bad_flags_are_refused_before_any_model_loads(flags, message):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags], capture_output=True, text=True)
-    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+    status, log = train_py(*flags)
+    assert status == 2 and message in log and "Traceback" not in log and "note:" not in log  # nothing loaded
 
 
 def test_fsdp2_run_resumed_on_another_number_of_processes_matches_one_plain_process(tmp_path, shared):
@@ -211,10 +215,9 @@ def test_learning_rates_are_exactly_those_of_transformers_schedules(schedule, tm
 
 def test_a_fresh_run_refuses_a_folder_that_holds_a_run_and_overwrite_replaces_it(tmp_path):
     train(tmp_path, "--method", "dpo", "--max_steps", "2")
-    again = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY_RUN, "--method", "dpo",
-                            "--max_steps", "2", "--out_dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
-    assert again.returncode != 0 and "Traceback" not in again.stderr
-    assert f"error: {tmp_path} already holds a run" in again.stderr and "--resume" in again.stderr
+    status, log = train_py(*TINY_RUN, "--method", "dpo", "--max_steps", "2", "--out_dir", tmp_path)
+    assert status == 1 and "Traceback" not in log
+    assert f"error: {tmp_path} already holds a run" in log and "--resume" in log
     (tmp_path / "curves.png").write_bytes(b"the old run's curves")  # what plot.py wrote for the old run
     (tmp_path / "wandb").mkdir()
     records, _ = train(tmp_path, "--method", "dpo", "--max_steps", "1", "--overwrite", "--eval_pairs", "4")
@@ -229,24 +232,20 @@ def test_a_fresh_run_refuses_a_folder_that_holds_a_run_and_overwrite_replaces_it
 
 def test_resume_refuses_a_checkpoint_of_another_run_and_names_the_difference(tmp_path):
     train(tmp_path, "--method", "dpo", "--max_steps", "1")
-    other = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY_RUN, "--method", "tr_dpo",
-                            "--tau", "2", "--batch_size", "8", "--max_steps", "2", "--resume", "--out_dir",
-                            str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
-    assert other.returncode != 0 and "Traceback" not in other.stderr
+    status, log = train_py(*TINY_RUN, "--method", "tr_dpo", "--tau", "2", "--batch_size", "8", "--max_steps", "2",
+                           "--resume", "--out_dir", tmp_path)
+    assert status == 1 and "Traceback" not in log
     for difference in ("--method 'dpo' in the checkpoint, 'tr_dpo' now", "--batch_size 4 in the checkpoint, 8 now",
                        "--tau None in the checkpoint, 2 now"):
-        assert difference in other.stderr
+        assert difference in log
 
 
 def test_the_skipped_step_count_survives_a_resume(tmp_path):
     # lr 1e30: step 1 is finite but throws the weights to ~1e30, so every later step overflows
     flags = ["--lr", "1e30", "--max_steps", "3"]
-    first = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY_RUN, *flags, "--skip_nonfinite",
-                            "1", "--out_dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
-    assert "(1 of at most 1" in first.stdout + first.stderr and (tmp_path / "step_000001").exists()
-    resumed = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY_RUN, *flags, "--skip_nonfinite",
-                              "2", "--resume", "--out_dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
-    log = resumed.stdout + resumed.stderr
+    _, log = train_py(*TINY_RUN, *flags, "--skip_nonfinite", "1", "--out_dir", tmp_path)
+    assert "(1 of at most 1" in log and (tmp_path / "step_000001").exists()
+    _, log = train_py(*TINY_RUN, *flags, "--skip_nonfinite", "2", "--resume", "--out_dir", tmp_path)
     assert "(2 of at most 2" in log and "(1 of at most 2" not in log  # the run had skipped 1 step already
 
 
@@ -289,7 +288,9 @@ def test_with_ipo_average_held_out_margins_are_on_training_scale_per_token_means
     held = tokenize(load_splits(PAIRS, 8, log=lambda m: None)[1], chat_tokenizer, 64, 48, log=lambda m: None)
     margins = [(float64_mean_logps(policy, e, e["chosen"]) - float64_mean_logps(sft, e, e["chosen"])) -
                (float64_mean_logps(policy, e, e["rejected"]) - float64_mean_logps(sft, e, e["rejected"])) for e in held]
-    assert records[-1]["eval/rewards/margins"] == pytest.approx(0.1 * sum(margins) / len(margins), rel=1e-4)
+    # fp32 differences of per-token means ~5 nats apart agree to ~1e-3 relative; summed log-probs would be 2-4 times
+    # these margins (the answers are 2-4 tokens long)
+    assert records[-1]["eval/rewards/margins"] == pytest.approx(0.1 * sum(margins) / len(margins), rel=1e-2)
 
 
 def wandb_records(out_dir):
