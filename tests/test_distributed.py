@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 from conftest import PAIRS, TINY
 from test_train import train
 
+pytestmark = pytest.mark.slow  # runs train.py or other scripts: `make test` runs these, `make test-fast` not
+
 LOG2 = -F.logsigmoid(torch.tensor(0.0)).item()  # the DPO loss when policy == reference, as fp32 computes it
 
 # every run these tests read, made once: name -> (processes, flags); tiny Llama, pairs.jsonl, 4 pairs a step

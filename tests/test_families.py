@@ -18,6 +18,8 @@ from families import END_OF_TEXT, ENDOFTEXT, EOT_ID, IM_END, save_family
 from hub_layout import write_hh, write_tldr, write_ultrafeedback
 from test_evaluate import draw_by_hand
 
+pytestmark = pytest.mark.slow  # runs train.py or other scripts: `make test` runs these, `make test-fast` not
+
 # family: (data set, extra flags, the ids a sample stops at, the id every training completion ends with)
 FAMILIES = {
     "pythia": ("hh", [], {0}, 0),  # EOS id 0, no template: HH dialogues as written

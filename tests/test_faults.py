@@ -11,6 +11,8 @@ import pytest
 from conftest import PAIRS, ROOT, TINY, train_py
 from test_train import TINY_RUN, train
 
+pytestmark = pytest.mark.slow  # runs train.py or other scripts: `make test` runs these, `make test-fast` not
+
 
 def records(out_dir):
     return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]

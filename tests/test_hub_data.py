@@ -202,6 +202,7 @@ def test_an_offline_copy_without_a_test_split_or_a_missing_folder_is_an_error_na
         load_splits("demo", 2, data_dir=folder, **quiet)
 
 
+@pytest.mark.slow  # a script run as a subprocess
 def test_without_the_hub_the_error_says_how_to_use_an_offline_copy():
     result = subprocess.run([sys.executable, "data.py", "ultrafeedback", "--model", TINY], capture_output=True,
                             text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -17,6 +17,8 @@ from conftest import PAIRS, ROOT, train_py
 from guards import UserError
 from test_train import TINY_RUN
 
+pytestmark = pytest.mark.slow  # runs train.py or other scripts: `make test` runs these, `make test-fast` not
+
 FLAGS = [*TINY_RUN, "--method", "tr_dpo", "--tau", "2", "--schedule", "cosine", "--max_steps", "2"]
 
 

@@ -189,6 +189,7 @@ def run_train(refusing_model, path, tmp_path, *flags):
                            "--out_dir", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 
+@pytest.mark.slow  # a script run as a subprocess
 def test_train_py_stops_at_a_refused_row_with_its_line_and_the_templates_message_and_no_traceback(refusing_model,
                                                                                                  tmp_path):
     path = write(tmp_path / "mine.jsonl", [row for row, _ in LINES], before=open(PAIRS).read())
@@ -198,6 +199,7 @@ def test_train_py_stops_at_a_refused_row_with_its_line_and_the_templates_message
         assert line in result.stderr
 
 
+@pytest.mark.slow  # a script run as a subprocess
 def test_train_py_with_skip_bad_rows_trains_on_the_rest_and_counts_the_refused_rows(refusing_model, tmp_path):
     path = write(tmp_path / "mine.jsonl", [row for row, _ in LINES], before=open(PAIRS).read())
     args = [f for f in TINY_RUN]

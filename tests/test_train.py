@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 
 from conftest import PAIRS, ROOT, TINY, train_py
 
+pytestmark = pytest.mark.slow  # runs train.py or other scripts: `make test` runs these, `make test-fast` not
+
 TINY_RUN = ["--model", TINY, "--dataset", PAIRS, "--eval_pairs", "8", "--batch_size", "4", "--micro_batch_size", "2",
             "--log_interval", "1", "--eval_interval", "2", "--max_length", "64", "--max_prompt_length", "48",
             "--lr", "1e-3", "--warmup_steps", "0"]
