@@ -17,7 +17,12 @@ setup: $(VENV)/ready
 demo: setup
 	$(PY) train.py --max_steps 40 --out_dir out/demo --overwrite
 
+# everything, what CI runs (.ci/run); test-fast: the unit tests alone (losses, update rule, model, data, the lesson's
+# graders), under a minute, for a fast loop while editing
 test: setup
 	$(PY) -m pytest -q tests
 
-.PHONY: setup demo test
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
+
+.PHONY: setup demo test test-fast

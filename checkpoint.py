@@ -1,19 +1,23 @@
 """Checkpoints: one folder per saved step, written whole or not at all, and resumed only into the same run.
 
-    out_dir/args.json            the run's arguments (alpha and tau as in force)
+    out_dir/args.json            the run's arguments (alpha, tau and max_steps as in force)
     out_dir/metrics.jsonl        one line per log step
+    out_dir/memory.json          bytes each rank holds (memory.py)
     out_dir/step_NNNNNN/policy/  a plain Hugging Face model folder: from_pretrained(...) it, or pass it as --model
-    out_dir/step_NNNNNN/state.pt the moved reference, the optimizer, the step, the data position, the RNG states and
-                                 the run's arguments (one process or DDP: every rank holds them all, so rank 0 writes)
+    out_dir/step_NNNNNN/state.pt the moved reference, the optimizer, the counters (step, reference updates, skipped
+                                 steps), a hash of the training pairs and the run's arguments (one process or DDP:
+                                 every rank holds them all, so rank 0 writes)
     out_dir/step_NNNNNN/sharded/ with --fsdp: policy, reference and optimizer as torch.distributed.checkpoint shards,
                                  each rank writing its own; --resume re-shards them for any number of processes
 
 A moving reference is state like the optimizer's: a TR run resumed without it would quietly restart from the SFT
-reference (TRL and the authors' library do). Ours continues bit-exactly (tests/test_train.py).
+reference (TRL and the authors' library do). Ours continues bit-exactly (tests/test_train.py). Nothing in training
+draws random numbers (dropout is off, the data order is a function of the seed and the step), so no RNG state is
+saved: a run resumes where fewer or other GPUs are visible.
 """
 import glob
+import json
 import os
-import random
 import shutil
 
 import torch
@@ -22,10 +26,40 @@ import torch.distributed as dist
 from guards import UserError
 from model import load_model
 
-# the arguments that make a run what it is: resuming with another value would silently be another experiment
-RUN_KEYS = ("method", "model", "dataset", "batch_size", "alpha", "tau", "beta", "ipo_average", "kto_lambda_d",
-            "kto_lambda_u", "max_length", "max_prompt_length", "seed", "group_by_length", "lr", "schedule",
-            "warmup_steps", "weight_decay", "max_grad_norm")
+# what a run writes into its out_dir: a folder holding any of these holds a run, and --overwrite removes them all
+RUN_FILES = ("args.json", "metrics.jsonl", "memory.json", "curves.png", "wandb", "step_*")
+# the arguments a resume may change: where and how often things are written, how the batch is split over processes
+# and micro-batches, where the data is read from (the pairs themselves are compared by hash), and the run's length
+# when nothing depends on it (--schedule constant). Every other argument must be the checkpoint's.
+MAY_CHANGE = ("out_dir", "overwrite", "resume", "log_interval", "eval_interval", "save_interval", "micro_batch_size",
+              "grad_ckpt", "dist_timeout", "skip_nonfinite", "data_dir", "wandb", "epochs")
+LENGTH = ("max_steps",)  # may change under --schedule constant only: a decaying schedule is a function of it
+
+
+class Metrics:
+    """The run's log records: a line each in out_dir/metrics.jsonl, and with --wandb PROJECT to Weights & Biases too
+    (imported only then; the run named after out_dir, its arguments as the config). Rank 0 writes."""
+
+    def __init__(self, out_dir, run, wandb_project, master):
+        self.file = open(os.path.join(out_dir, "metrics.jsonl"), "a") if master else None
+        self.wandb = None
+        if wandb_project and master:
+            import wandb
+            self.wandb = wandb.init(project=wandb_project, name=os.path.basename(os.path.normpath(out_dir)),
+                                    config=run, dir=out_dir)
+
+    def write(self, record):
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        if self.wandb:
+            self.wandb.log(record, step=record["step"])
+
+    def close(self):
+        if self.file:
+            self.file.close()
+        if self.wandb:
+            self.wandb.finish()
 
 
 def completed(out_dir):
@@ -40,32 +74,42 @@ def prepare_out_dir(out_dir, resume, overwrite, master):
         if not done:
             raise UserError(f"--resume found no complete checkpoint (step_*) in {out_dir}")
         return done[-1]
-    leftovers = [p for p in ("args.json", "metrics.jsonl") if os.path.exists(os.path.join(out_dir, p))]
-    leftovers += [os.path.basename(d) for d in glob.glob(os.path.join(out_dir, "step_*"))]
+    leftovers = sorted(p for pattern in RUN_FILES for p in glob.glob(os.path.join(out_dir, pattern)))
     if leftovers and not overwrite:
-        raise UserError(f"{out_dir} already holds a run ({', '.join(sorted(leftovers)[:4])}). Continue it "
-                         "with --resume, replace it with --overwrite, or choose another --out_dir.")
+        names = ", ".join(os.path.basename(p) for p in leftovers[:4])
+        raise UserError(f"{out_dir} already holds a run ({names}). Continue it with --resume, replace it with "
+                        "--overwrite, or choose another --out_dir.")
     if dist.is_initialized():
         dist.barrier()  # every rank has looked before rank 0 deletes anything
-    if leftovers and master:
-        for p in leftovers:
-            path = os.path.join(out_dir, p)
+    if master:
+        for path in leftovers:
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     os.makedirs(out_dir, exist_ok=True)
     return None
 
 
-def check_same_run(saved, current, where):
-    """--resume continues the run the checkpoint belongs to; any other method, model, data, batch or rule is refused."""
-    differences = [f"--{k} {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now" for k in RUN_KEYS
-                   if saved.get(k) != current.get(k)]
+def check_same_run(saved, current, defaults, where):
+    """--resume continues the run the checkpoint belongs to: every argument but MAY_CHANGE must be the checkpoint's.
+    A key an older checkpoint lacks (a flag added since) counts as the parser's default."""
+    may_change = set(MAY_CHANGE) | (set(LENGTH) if saved.get("schedule", "constant") == "constant" else set())
+    differences = [f"--{k} {saved.get(k, defaults.get(k))!r} in the checkpoint, {current[k]!r} now"
+                   for k in current if k not in may_change and saved.get(k, defaults.get(k)) != current[k]]
     if differences:
         raise UserError(f"{where} belongs to another run: " + "; ".join(differences) +
-                         ". Resume with the same arguments, or start a fresh run in another --out_dir.")
+                        ". Resume with the same arguments, or start a fresh run in another --out_dir.")
+
+
+def check_resume(state, run, defaults, data_sha256, where):
+    """The same run (its arguments), on the same pairs (a hash of their token ids: the data, its bad rows, the
+    held-out draw, the tokenizer and the lengths all show in it)."""
+    check_same_run(state["run"], run, defaults, where)
+    if state.get("data_sha256", data_sha256) != data_sha256:
+        raise UserError(f"the training pairs differ from those {where} trained on (the data, its bad rows, "
+                        "--eval_pairs, the tokenizer or the lengths changed); start a fresh run in another --out_dir")
 
 
 def save(out_dir, policy, reference, optimizer, tokenizer, progress, fsdp, master):
-    """Write out_dir/step_N. `progress`: step, ref_updates, epoch, pairs_seen, skipped_steps, run (the arguments).
+    """Write out_dir/step_N. `progress`: the counters, the data hash and the run's arguments ("run").
     Written under step_N.tmp and renamed, so that a crash never leaves a half-written latest checkpoint."""
     final = os.path.join(out_dir, f"step_{progress['step']:06d}")
     tmp = final + ".tmp"
@@ -81,11 +125,8 @@ def save(out_dir, policy, reference, optimizer, tokenizer, progress, fsdp, maste
     if master:
         policy.save_pretrained(os.path.join(tmp, "policy"), state_dict=full if fsdp else None)
         tokenizer.save_pretrained(os.path.join(tmp, "policy"))
-        torch.save({**progress,
-                    "optimizer": None if fsdp else optimizer.state_dict(),
-                    "reference": reference.state_dict() if reference is not None and not fsdp else None,  # moved
-                    "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
+        torch.save({**progress, "optimizer": None if fsdp else optimizer.state_dict(),
+                    "reference": reference.state_dict() if reference is not None and not fsdp else None},  # moved
                    os.path.join(tmp, "state.pt"))
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
@@ -101,13 +142,16 @@ def sharded_state(policy, reference, optimizer):
             **({"reference": get_model_state_dict(reference)} if reference is not None else {})}
 
 
-def load(folder, policy, reference, optimizer, fsdp, run):
-    """Restore policy, the moved reference, optimizer and RNG states from `folder`; return its progress counters.
-    state.pt is read into CPU memory (map_location): else every rank would put its tensors on the GPU that saved them,
-    cuda:0. It is dropped once restored, so that no second copy of the optimizer or reference stays behind."""
-    state = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=False)
-    check_same_run(state.get("run", state.get("args", {})), run, folder)  # ("args": checkpoints before 2026-11-29)
-    moving = reference is not None and run["method"].startswith("tr_")
+def read_progress(folder):
+    """state.pt, memory-mapped: its tensors stay in the file's pages (the page cache, one copy per node however many
+    ranks read it) until each is copied where it belongs, one at a time. A plain torch.load would put the whole
+    optimizer state and reference in every rank's own memory at once (~44 GB per rank for Pythia-2.8B)."""
+    return torch.load(os.path.join(folder, "state.pt"), map_location="cpu", mmap=True, weights_only=False)
+
+
+def load(folder, policy, reference, optimizer, fsdp, state):
+    """Restore policy, the moved reference and the optimizer from `folder` (its state.pt already read: `state`)."""
+    moving = reference is not None and state["run"]["method"].startswith("tr_")
     if fsdp:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
@@ -122,12 +166,8 @@ def load(folder, policy, reference, optimizer, fsdp, run):
     else:
         if state["optimizer"] is None:
             raise UserError(f"{folder} was saved with --fsdp; resume it with --fsdp")
-        policy.load_state_dict(load_model(os.path.join(folder, "policy")).state_dict())
-        optimizer.load_state_dict(state.pop("optimizer"))  # moved to the parameters' device
+        policy.load_state_dict(load_model(os.path.join(folder, "policy")).state_dict())  # safetensors: mapped too
+        optimizer.load_state_dict(state.pop("optimizer"))  # copied to the parameters' device and dtype
         if moving:
             reference.load_state_dict(state.pop("reference"))  # the reference the run had, not the SFT model
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    if state["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return {k: state.get(k, 0) for k in ("step", "ref_updates", "epoch", "pairs_seen", "skipped_steps")}
+    return state["step"], state["ref_updates"], state["skipped_steps"]

@@ -1,16 +1,14 @@
-"""Preference data -> token tensors, with the same prompt tokens for chosen and rejected.
+"""Preference pairs -> token tensors and batches, with the same prompt tokens for chosen and rejected.
 
-Every source becomes rows {"prompt": text or chat messages, "chosen": text, "rejected": text, "where": its place}:
-  demo            the built-in set in data/ (SmolLM2 samples labelled by the gold judge of gold.py)
-  hh              Anthropic/hh-rlhf: the prompt is the dialogue prefix that chosen and rejected share
-  tldr            Reddit TL;DR comparisons of Stiennon et al. (trl-lib/tldr-preference)
-  ultrafeedback   HuggingFaceH4/ultrafeedback_binarized: the messages before the final answers are the prompt
-  PATH.jsonl      any local file with prompt/chosen/rejected (text, or lists of {"role", "content"} messages)
-The hub sets are read from the hub, or with data_dir (--data_dir) from an offline copy of the hub repository.
+The rows come from sources.py ({"prompt": text or chat messages, "chosen": text, "rejected": text, "where": place}).
+A pair becomes tokens in encode_pair: the prompt rendered once (the chat template's generation prompt), each answer
+tokenized as its continuation and ending with the template's end of turn, cut to fit at turn boundaries. Then the
+batches: right-padded, chosen rows then rejected rows for one forward pass (collate), in the run's global batches.
 
-Inspect one:  python data.py hh --model EleutherAI/pythia-2.8b --max_length 1024
+Inspect a data set before training:  python data.py hh --model EleutherAI/pythia-2.8b --max_length 1024
 """
 import argparse
+import collections
 import hashlib
 import json
 import os
@@ -18,264 +16,14 @@ import shutil
 import time
 
 import torch
+from jinja2 import TemplateError  # what a chat template's raise_exception raises (transformers)
 
-from guards import UserError
+from sources import DataError, load_rows, report
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEMO = {"train": os.path.join(HERE, "data", "demo_train.jsonl"), "test": os.path.join(HERE, "data", "demo_eval.jsonl")}
-HUB = {  # name: (hub id, train split, test split)
-    "hh": ("Anthropic/hh-rlhf", "train", "test"),
-    "tldr": ("trl-lib/tldr-preference", "train", "validation"),
-    "ultrafeedback": ("HuggingFaceH4/ultrafeedback_binarized", "train_prefs", "test_prefs"),
-}
 # tokenized data sets are kept here, one folder per cache key (see cache_key)
 CACHE = os.environ.get("TRDPO_TOKENIZED", os.path.join(os.environ.get("TRDPO_CACHE", os.path.expanduser(
     "~/.cache/trdpo")), "tokenized"))
 LARGE = 10_000  # rows from which tokenization runs in several processes (below, starting them costs more than it saves)
-
-
-class DataError(UserError):
-    """Bad data: a message for the user (file, line, what to do), not a traceback."""
-
-
-class BadRow(ValueError):
-    """One malformed row; reported with its place (file:line), all of a file's at once."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# rows: every source in one shape
-
-
-def hh_dialogue(text):
-    """'\\n\\nHuman: a\\n\\nAssistant: b ...' -> [{"role": "user", "content": "a"}, {"role": "assistant", ...}, ...]"""
-    messages = []
-    for chunk in text.split("\n\nHuman: ")[1:]:
-        turns = chunk.split("\n\nAssistant: ")
-        messages.append({"role": "user", "content": turns[0].strip()})
-        messages += [{"role": "assistant", "content": t.strip()} for t in turns[1:]]
-    return messages
-
-
-def hh_row(row):
-    """Split an HH pair (two whole dialogues) into the shared prompt and the two final answers."""
-    marker = "\n\nAssistant:"
-    common = os.path.commonprefix([row["chosen"], row["rejected"]])
-    if marker not in common:
-        raise BadRow("chosen and rejected share no dialogue prefix ending in '\\n\\nAssistant:'")
-    cut = common.rfind(marker) + len(marker)  # the last assistant turn both dialogues start identically
-    chosen, rejected = row["chosen"][cut:].strip(), row["rejected"][cut:].strip()
-    if "\n\nHuman:" in chosen or "\n\nHuman:" in rejected:
-        raise BadRow("chosen and rejected differ before their last assistant turn: the answers are whole dialogues")
-    return {"prompt": hh_dialogue(row["chosen"][: cut - len(marker)]), "chosen": chosen, "rejected": rejected}
-
-
-def last_answer(side):
-    """A completion given as messages ends with the assistant's answer; the text of that answer."""
-    if isinstance(side, list):
-        if not side or not isinstance(side[-1], dict) or side[-1].get("role") != "assistant":
-            raise BadRow("a completion given as messages must end with an assistant message")
-        return side[-1].get("content")
-    return side
-
-
-def conversation(row):
-    """The prompt of a row. Completions given as messages (UltraFeedback) carry the conversation before the final
-    answer, system message and earlier turns included: that is the prompt, and a `prompt` given beside it must agree
-    with it (as text: its last user message). A prompt that is a conversation gets turn markers on every model."""
-    chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
-    if isinstance(chosen, list) != isinstance(rejected, list):
-        raise BadRow("chosen and rejected must both be text or both be lists of messages")
-    if not isinstance(chosen, list):
-        return prompt
-    earlier = chosen[:-1]
-    if earlier != rejected[:-1]:
-        raise BadRow("chosen and rejected messages differ before their final answers")
-    if not earlier:
-        return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    users = [m.get("content") for m in earlier if isinstance(m, dict) and m.get("role") == "user"]
-    if isinstance(prompt, str) and (not users or not isinstance(users[-1], str) or users[-1].strip() != prompt.strip()):
-        raise BadRow(f"prompt {prompt[:60]!r} is not the last user message before the answers in chosen/rejected")
-    if isinstance(prompt, list) and prompt != earlier:
-        raise BadRow("prompt messages differ from the messages before the answers in chosen/rejected")
-    return earlier
-
-
-def normalize(row):
-    """Check one row and bring it to {"prompt", "chosen", "rejected"}, or raise BadRow saying what is wrong."""
-    if isinstance(row, BadRow):
-        raise row
-    if not isinstance(row, dict):
-        raise BadRow(f"expected a JSON object with prompt/chosen/rejected, got {type(row).__name__}")
-    missing = [k for k in ("prompt", "chosen", "rejected") if k not in row
-               and not (k == "prompt" and isinstance(row.get("chosen"), list))]  # messages carry their own prompt
-    if missing:
-        raise BadRow(f"missing field(s) {', '.join(missing)}")
-    prompt = conversation(row)
-    if isinstance(prompt, list):
-        for m in prompt:
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-                raise BadRow(f"unknown message role in {m!r}: expected system, user or assistant")
-            if not isinstance(m.get("content"), str):
-                raise BadRow(f"message content must be text, got {m!r}")
-    elif not isinstance(prompt, str):
-        raise BadRow(f"prompt must be text or a list of messages, got {type(prompt).__name__}")
-    out = {"prompt": prompt, "chosen": last_answer(row["chosen"]), "rejected": last_answer(row["rejected"])}
-    for k in ("chosen", "rejected"):
-        if not isinstance(out[k], str):
-            raise BadRow(f"{k} must be text, got {type(out[k]).__name__}")
-        if not out[k].strip():
-            raise BadRow(f"{k} is empty")
-    if out["chosen"] == out["rejected"]:
-        raise BadRow("chosen and rejected are identical: there is no preference to learn")
-    if isinstance(prompt, str) and not prompt.strip() or prompt == []:
-        raise BadRow("prompt is empty")
-    return out
-
-
-def jsonl_lines(path):
-    """(place, parsed row or BadRow) for each non-blank line of a JSONL file."""
-    if not os.path.exists(path):
-        raise DataError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield f"{path}:{number}", BadRow(f"not valid UTF-8 (byte {e.start})")
-                continue
-            if line.strip():
-                try:
-                    yield f"{path}:{number}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield f"{path}:{number}", BadRow(f"not valid JSON ({e.msg}, column {e.colno})")
-
-
-def report(problems, total, examples):
-    """'N bad row(s) of M (reason: count, ...):' and the first `examples` of them with their places."""
-    reasons = {}
-    for _, reason in problems:
-        reasons[reason] = reasons.get(reason, 0) + 1
-    listing = "\n  ".join(f"{where}: {reason}" for where, reason in problems[:examples])
-    more = f"\n  ... and {len(problems) - examples} more" if len(problems) > examples else ""
-    by_reason = "; ".join(f"{reason}: {n}" for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
-    return f"{len(problems)} bad row(s) of {total} ({by_reason}):\n  {listing}{more}"
-
-
-def checked(source, items, skip_bad_rows, log):
-    """Normalize every (place, row); report all bad rows at once: an error, or when skipping a count and examples."""
-    rows, problems = [], []
-    for where, row in items:
-        try:
-            rows.append({**normalize(row), "where": where})
-        except BadRow as e:
-            problems.append((where, str(e)))
-    if problems:
-        if not skip_bad_rows:
-            raise DataError(f"{source}: {report(problems, len(problems) + len(rows), 20)}\n"
-                            "fix them, or pass --skip_bad_rows to leave them out (they are counted)")
-        log(f"{source}: skipped {report(problems, len(problems) + len(rows), 5)}")
-    if not rows:
-        raise DataError(f"{source}: no usable rows")
-    return rows
-
-
-def hub_split(name, split, data_dir=None):
-    """(source, table) of a hub data set's split ("train" or "test": the hub's own names are in HUB), read from the hub
-    or from data_dir, an offline copy in the hub repository's layout (e.g. hh-rlhf/*/test.jsonl.gz,
-    ultrafeedback_binarized/data/test_prefs-00000-of-00001.parquet), which `datasets` reads the same way."""
-    import datasets  # only the hub datasets need it
-    hub_id, train_split, test_split = HUB[name]
-    split = train_split if split == "train" else test_split
-    if data_dir is not None and not os.path.isdir(data_dir):
-        raise DataError(f"--data_dir {data_dir}: no such folder (expected an offline copy of {hub_id})")
-    try:
-        return f"{data_dir or hub_id} {split}", datasets.load_dataset(data_dir or hub_id, split=split)
-    except ConnectionError as e:
-        raise DataError(f"{hub_id}: the hub cannot be reached ({e}). Copy the data set where it can (`hf download "
-                        f"{hub_id} --repo-type dataset --local-dir DIR`) and pass --data_dir DIR")
-    except ValueError as e:  # an offline copy without this split
-        raise DataError(f"{data_dir or hub_id}: no split {split!r} ({e}); an offline copy of {hub_id} needs the "
-                        f"hub's file layout, in which file names carry the split")
-
-
-def hub_row(name, row):
-    """A hub table's row in the common shape, or the BadRow saying why it cannot be."""
-    try:
-        return hh_row(row) if name == "hh" else row
-    except BadRow as e:
-        return e
-
-
-def load_rows(name, split="train", skip_bad_rows=False, log=print, data_dir=None):
-    """The rows of a dataset by name (see the top of this file); split is "train" or "test". Bad rows of the named hub
-    sets (known to be dirty: HH has empty and identical answers) are skipped and counted; those of a user's file stop
-    the run, all listed in one message, unless skip_bad_rows."""
-    if name == "demo" or name.endswith(".jsonl"):
-        if data_dir is not None:
-            raise DataError(f"--data_dir is for an offline copy of {', '.join(HUB)}; --dataset {name} is a file")
-        path = DEMO[split] if name == "demo" else name
-        return checked(path, jsonl_lines(path), skip_bad_rows, log)
-    if name not in HUB:
-        raise DataError(f"--dataset {name!r}: expected demo, {', '.join(HUB)} or a path ending in .jsonl")
-    source, table = hub_split(name, split, data_dir)
-    return checked(source, ((f"{source}[{i}]", hub_row(name, row)) for i, row in enumerate(table)), True, log)
-
-
-def shuffled(n, seed):
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def held_out(name, n, seed=0, skip_bad_rows=False, log=print, data_dir=None):
-    """n pairs drawn at random from the test split (of a file: from all its rows), in the order drawn. The draw depends
-    on the seed alone, so every rank and every run holding the same seed gets the same pairs. Only the drawn rows are
-    checked; a bad one (skipped and counted for the hub sets) is replaced by the next draw."""
-    if n <= 0:
-        return []
-    if name == "demo" or name.endswith(".jsonl"):
-        path = DEMO["test"] if name == "demo" else name
-        source, items = path, list(jsonl_lines(path))
-        row = items.__getitem__
-    else:
-        if name not in HUB:
-            raise DataError(f"--dataset {name!r}: expected demo, {', '.join(HUB)} or a path ending in .jsonl")
-        source, table = hub_split(name, "test", data_dir)
-        items, skip_bad_rows = table, True
-        row = lambda i: (f"{source}[{i}]", hub_row(name, table[i]))  # noqa: E731
-    rows, problems = [], []
-    for i in shuffled(len(items), seed):
-        where, raw = row(i)
-        try:
-            rows.append({**normalize(raw), "where": where})
-        except BadRow as e:
-            if not skip_bad_rows:
-                raise DataError(f"{where}: {e}\nfix it, or pass --skip_bad_rows to leave such rows out")
-            problems.append((where, str(e)))
-        if len(rows) == n:
-            break
-    log(f"held out {len(rows)} pairs drawn at random (seed {seed}) from {source} ({len(items)} rows)"
-        + (f"; skipped {report(problems, f'the {len(rows) + len(problems)} drawn', 3)}" if problems else ""))
-    if not rows:
-        raise DataError(f"{source}: no usable rows")
-    return rows
-
-
-def load_splits(name, eval_pairs, seed=0, skip_bad_rows=False, log=print, data_dir=None):
-    """(training rows, held-out rows). demo and the hub sets: the train split, and eval_pairs pairs drawn at random
-    from the test split (held_out). A JSONL file has no test split: eval_pairs of its rows, drawn at random, are held
-    out and the others train. eval_pairs = 0 holds out nothing."""
-    if eval_pairs < 0:
-        raise DataError(f"--eval_pairs {eval_pairs} must be 0 (no held-out pairs) or more")
-    rows = load_rows(name, "train", skip_bad_rows, log, data_dir)
-    if not name.endswith(".jsonl"):
-        return rows, held_out(name, eval_pairs, seed, skip_bad_rows, log, data_dir)
-    if eval_pairs >= len(rows):
-        raise DataError(f"--eval_pairs {eval_pairs} would hold out all {len(rows)} pairs of {name}, leaving none to "
-                        "train on; lower it (0 holds out nothing)")
-    held = shuffled(len(rows), seed)[:eval_pairs]
-    if held:
-        log(f"held out {eval_pairs} of the {len(rows)} pairs of {name}, drawn at random (seed {seed})")
-    kept = set(range(len(rows))) - set(held)
-    return [r for i, r in enumerate(rows) if i in kept], [rows[i] for i in held]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -285,6 +33,10 @@ def load_splits(name, eval_pairs, seed=0, skip_bad_rows=False, log=print, data_d
 # template, or without one HH's '\n\nHuman: ...\n\nAssistant:' turns. A text prompt is one user turn under a chat
 # template; without a template it is raw text that the completion continues as written (TL;DR's '... TL;DR:' +
 # ' summary'), TRL's "standard" format. A completion ends with the template's end-of-turn token, or with EOS.
+# A row the template refuses (its raise_exception: roles that do not alternate, a system message under a template
+# without a system role) is a bad row, named with the template's message. We never rewrite the messages to please a
+# template (e.g. fold a system message into the first user turn): the prompt would change silently, and per model.
+REFUSED = "refused by the chat template"
 
 
 def plain_prompt(messages):
@@ -315,26 +67,48 @@ def plain_separator(prompt):
     return "" if isinstance(prompt, str) else " "  # HH writes "Assistant: answer"; text prompts carry their own
 
 
+def render_prompts(tokenizer, prompts, log=print):
+    """(prompts, their ids) to sample from (evaluate.py): the prompts ready for an answer, less those the chat template
+    refuses, which are left out and counted."""
+    kept, ids, problems = [], [], []
+    for i, prompt in enumerate(prompts):
+        try:
+            ids.append(render(tokenizer, prompt))
+            kept.append(prompt)
+        except TemplateError as e:
+            problems.append((f"prompt {i} {json.dumps(prompt)[:48]}...", f"{REFUSED}: {e}"))
+    if problems:
+        log(f"skipped {report(problems, len(prompts), 5)}")
+    if not kept:
+        raise DataError(f"{tokenizer.name_or_path}: its chat template refuses every prompt; see the count above")
+    return kept, ids
+
+
 ANSWER = "Sure, here it is: 42."  # any answer: what follows it in a rendered turn is the template's end of turn
+TurnEnd = collections.namedtuple("TurnEnd", "text ids token")
 
 
 def turn_end(tokenizer):
-    """(text, ids, end): what a chat template writes after an assistant's answer, its ids, and the token a completion
-    ends with. With a template that is the special token written right after the answer (<|im_end|>, <|eot_id|>,
+    """TurnEnd(text, ids, token): what a chat template writes after an assistant's answer, its ids, and the token a
+    completion ends with. With a template that is the special token written right after the answer (<|im_end|>, <|eot_id|>,
     <end_of_turn>), found by rendering an answer, not by name; the whitespace after it belongs to the next turn. With
     no template, or one that marks no end, EOS. Sampling (evaluate.py) stops at this token, so both agree."""
     if tokenizer.chat_template is None:
-        return "", [], tokenizer.eos_token_id
-    text = tokenizer.apply_chat_template(chat("Hi", ANSWER), tokenize=False)
+        return TurnEnd("", [], tokenizer.eos_token_id)
+    try:
+        text = tokenizer.apply_chat_template(chat("Hi", ANSWER), tokenize=False)
+    except TemplateError as e:
+        raise DataError(f"{tokenizer.name_or_path}: its chat template refuses a plain question and answer ({e}), so "
+                        "no row can be rendered; use the model's own chat template, or fix it in its folder")
     after = text[text.rindex(ANSWER) + len(ANSWER):]
     ids = tokenizer(after, add_special_tokens=False)["input_ids"]
     added = tokenizer.added_tokens_decoder
     if ids and (ids[0] in tokenizer.all_special_ids or ids[0] in added and added[ids[0]].special):
-        return after, ids, ids[0]
+        return TurnEnd(after, ids, ids[0])
     if tokenizer.eos_token_id is None:
         raise DataError(f"{tokenizer.name_or_path}: its chat template marks no end of an answer and it has no EOS "
                         "token, so a completion would have no end; give the tokenizer an eos_token")
-    return after, ids, tokenizer.eos_token_id
+    return TurnEnd(after, ids, tokenizer.eos_token_id)
 
 
 def encode(tokenizer, prompt, completion, ending=None, prompt_ids=None):
@@ -398,7 +172,11 @@ def shorten(tokenizer, prompt, budget):
     return shorter, dropped, shorter is not prompt
 
 
-def encode_pair(row, tokenizer, ending, max_length, max_prompt_length):
+NO_IDS = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "turns_dropped": False, "text_cut": False,
+          "completion_cut": False, "refusal": ""}  # a row that gives no pair (its status says why)
+
+
+def fit_pair(row, tokenizer, ending, max_length, max_prompt_length):
     """One row -> its token ids, cut to fit max_length, and what was done to it. Chosen and rejected share one prompt:
     if prompt + the longer completion do not fit, the prompt is shortened (to max_prompt_length, or more if the
     completions leave room) by turns, then the completions are cut from the right (a cut one has no end token)."""
@@ -410,8 +188,7 @@ def encode_pair(row, tokenizer, ending, max_length, max_prompt_length):
     if len(prompt_ids) > budget:
         prompt, dropped, text_cut = shorten(tokenizer, prompt, budget)
         if prompt is None:
-            return {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "turns_dropped": dropped,
-                    "text_cut": text_cut, "completion_cut": False, "status": "dropped (prompt cannot fit)"}
+            return {**NO_IDS, "turns_dropped": dropped, "text_cut": text_cut, "status": "dropped (prompt cannot fit)"}
         prompt_ids, chosen = encode(tokenizer, prompt, row["chosen"], ending)
         _, rejected = encode(tokenizer, prompt, row["rejected"], ending, prompt_ids)
     room = max_length - len(prompt_ids)
@@ -420,7 +197,16 @@ def encode_pair(row, tokenizer, ending, max_length, max_prompt_length):
     # texts that differ only in what the tokenizer or the cut removed: no preference left, zero gradient
     status = "dropped (same tokens)" if chosen == rejected else "kept"
     return {"prompt_ids": prompt_ids, "chosen_ids": chosen, "rejected_ids": rejected, "turns_dropped": dropped,
-            "text_cut": text_cut, "completion_cut": completion_cut, "status": status}
+            "text_cut": text_cut, "completion_cut": completion_cut, "status": status, "refusal": ""}
+
+
+def encode_pair(row, tokenizer, ending, max_length, max_prompt_length):
+    """fit_pair's result, or for a row whose prompt or prompt + answer the chat template refuses, status REFUSED and
+    the template's own message (kept in the cache like any result: a refused row is not rendered again)."""
+    try:
+        return fit_pair(row, tokenizer, ending, max_length, max_prompt_length)
+    except TemplateError as e:  # what a template's raise_exception raises
+        return {**NO_IDS, "status": REFUSED, "refusal": str(e)}
 
 
 def cache_key(rows, tokenizer, max_length, max_prompt_length):
@@ -454,7 +240,8 @@ def tokenized_table(rows, tokenizer, max_length, max_prompt_length, cache_dir, p
         datasets.disable_progress_bars()
     ids = datasets.List(datasets.Value("int32"))
     features = datasets.Features({"prompt_ids": ids, "chosen_ids": ids, "rejected_ids": ids, "status": datasets.Value(
-        "string"), **{k: datasets.Value("bool") for k in ("turns_dropped", "text_cut", "completion_cut")}})
+        "string"), "refusal": datasets.Value("string"),
+        **{k: datasets.Value("bool") for k in ("turns_dropped", "text_cut", "completion_cut")}})
     table = datasets.Dataset.from_dict({"prompt": [json.dumps(r["prompt"]) for r in rows],  # text or messages
                                         "chosen": [r["chosen"] for r in rows],
                                         "rejected": [r["rejected"] for r in rows]})
@@ -485,16 +272,33 @@ def ragged(table, name):
     return torch.split(flat, pc.list_value_length(column).to_numpy().tolist())
 
 
-def tokenize(rows, tokenizer, max_length, max_prompt_length, log=print, cache_dir=None, processes=None):
+def refused(rows, table, tokenizer, skip_bad_rows, log):
+    """Rows the chat template refused are bad rows: named with their place and the template's message, an error
+    unless skip_bad_rows (see skips_bad_rows), else counted in the log."""
+    problems = [(rows[i].get("where", f"row {i}"), f"{REFUSED}: {refusal}")
+                for i, refusal in enumerate(table.data.column("refusal").to_pylist()) if refusal]
+    if problems and not skip_bad_rows:
+        raise DataError(f"{report(problems, len(rows), 20)}\nthe chat template of {tokenizer.name_or_path} refuses "
+                        "them: rewrite them as it requires (often: a user turn first, then turns that alternate, a "
+                        "system message only where it has a system role), or pass --skip_bad_rows to leave them out "
+                        "(they are counted)")
+    if problems:
+        log(f"skipped {report(problems, len(rows), 5)}")
+
+
+def tokenize(rows, tokenizer, max_length, max_prompt_length, log=print, cache_dir=None, processes=None,
+             skip_bad_rows=False):
     """Rows -> examples {"prompt", "chosen", "rejected": int32 tensors, "row": index}. Prints what it cut and dropped
     and the time it took. The result is kept on disk under cache_dir (default $TRDPO_TOKENIZED, or
-    ~/.cache/trdpo/tokenized), keyed by cache_key: a second run, and the other ranks under torchrun, read it back."""
+    ~/.cache/trdpo/tokenized), keyed by cache_key: a second run, and the other ranks under torchrun, read it back.
+    Rows the chat template refuses stop with their places, or with skip_bad_rows are left out and counted."""
     if not 0 < max_prompt_length < max_length:
         raise DataError(f"--max_prompt_length {max_prompt_length} must be between 0 and --max_length {max_length}")
     if not rows:
         return []
     start = time.time()
     table, how = tokenized_table(rows, tokenizer, max_length, max_prompt_length, cache_dir, processes)
+    refused(rows, table, tokenizer, skip_bad_rows, log)
     column = lambda name: table.data.column(name).to_pylist()  # noqa: E731
     status = column("status")
     prompts, chosen, rejected = (ragged(table, k) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
@@ -502,13 +306,23 @@ def tokenize(rows, tokenizer, max_length, max_prompt_length, log=print, cache_di
                 for i, s in enumerate(status) if s == "kept"]
     counts = {"prompt turns dropped": sum(column("turns_dropped")), "prompt text cut": sum(column("text_cut")),
               "completion cut": sum(column("completion_cut")),
-              **{s: status.count(s) for s in ("dropped (same tokens)", "dropped (prompt cannot fit)")}}
+              **{s: status.count(s) for s in ("dropped (same tokens)", "dropped (prompt cannot fit)", REFUSED)}}
     log(f"tokenized {len(examples)} of {len(rows)} pairs (max_length {max_length}) in {time.time() - start:.1f} s "
         f"({how}): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     if not examples:
         raise DataError("no pairs left after tokenization; see the counts above (a prompt cannot fit when "
-                        "--max_prompt_length leaves no room beside the chat template's own tokens)")
+                        "--max_prompt_length leaves no room beside the chat template's own tokens; a template that "
+                        "refuses every row wants another shape of conversation)")
     return examples
+
+
+def fingerprint(examples):
+    """A sha256 of the token ids of every pair, in order: a resumed run must train on the very pairs it began with."""
+    h = hashlib.sha256()
+    for e in examples:
+        for name in ("prompt", "chosen", "rejected"):
+            h.update(e[name].numpy().tobytes() + b"|")
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -541,41 +355,71 @@ def to_device(batch, device):
     return batch.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else batch.to(device)
 
 
-def collate(examples, pad_id, method="dpo", max_length=None):
+def collate(examples, pad_id, method="dpo", max_length=None, neighbours=None):
     """Pairs -> one batch. dpo/ipo: rows [chosen_0..chosen_B-1, rejected_0..rejected_B-1]. sft: the chosen rows.
-    kto: the same 2B rows as unpaired examples (chosen desirable), plus "kl": each prompt with the completion of
-    the next example (mismatched pairs, Ethayarajh et al.), which estimate KL(pi || ref)."""
+    kto: the same 2B rows as unpaired examples (chosen desirable), plus "kl": each prompt with the chosen and the
+    rejected completion of its neighbour, the next pair of the global batch (mismatched pairs, Ethayarajh et al.),
+    on which KL(pi || ref) is estimated."""
     chosen = [(e["prompt"], e["chosen"]) for e in examples]
     rejected = [(e["prompt"], e["rejected"]) for e in examples]
     batch = pad(chosen if method == "sft" else chosen + rejected, pad_id)
     batch["rows"] = torch.tensor([e["row"] for e in examples])
     if method == "kto":
-        if len(examples) < 2:
-            raise DataError("KTO needs at least 2 pairs per device micro-batch for its mismatched-pair KL estimate")
-        pairs = chosen + rejected
-        shifted = [(p, pairs[(i + 1) % len(pairs)][1]) for i, (p, _) in enumerate(pairs)]
-        batch["kl"] = pad([(p, c[: max_length - len(p)]) for p, c in shifted], pad_id)
+        mismatched = [(e["prompt"], n[side]) for side in ("chosen", "rejected") for e, n in zip(examples, neighbours)]
+        batch["kl"] = pad([(p, c[: max_length - len(p)]) for p, c in mismatched], pad_id)
     return batch
 
 
-def batches(examples, micro_batch_size, rank, world_size, seed, epoch, skip=0, group_size=0):
-    """This rank's micro-batches for one epoch. Every rank shuffles with the same seed and takes every world_size-th
-    pair (as DistributedSampler does), so one process with the same global batch sees the same pairs per step.
-    `skip` resumes mid-epoch. group_size > 0 (--group_by_length, with the global batch size): each global batch holds
-    pairs of similar length, so that less of every forward pass is padding."""
-    g = torch.Generator().manual_seed(seed + epoch)
-    order = torch.randperm(len(examples), generator=g).tolist()
-    if group_size:  # sort windows of 64 global batches by length, cut them into batches, shuffle the batches
-        def length(i):  # the padded length of the pair's two rows
-            return len(examples[i]["prompt"]) + max(len(examples[i]["chosen"]), len(examples[i]["rejected"]))
-        window = 64 * group_size
-        order = [i for w in range(0, len(order), window) for i in sorted(order[w: w + window], key=length)]
-        groups = [order[b: b + group_size] for b in range(0, len(order), group_size)]
-        tail = groups.pop() if len(groups[-1]) < group_size else []  # a partial batch stays last
-        order = [i for b in torch.randperm(len(groups), generator=g).tolist() for i in groups[b]] + tail
-    indices = order[rank: len(order) // world_size * world_size: world_size]
-    for start in range(skip * micro_batch_size, len(indices) - micro_batch_size + 1, micro_batch_size):
-        yield [examples[i] for i in indices[start: start + micro_batch_size]]
+def held_out_batches(examples, rank, world_size, micro_batch_size, pad_id):
+    """This rank's share of the held-out pairs, as (batch, weights) of micro_batch_size pairs. A rank with fewer pairs
+    gets weight-0 copies to make up the difference: every rank runs the same number of forwards (under FSDP each
+    forward is all-gathers that every rank must join), and the metrics stay exact means over the pairs scored."""
+    per_rank = -(-len(examples) // world_size)
+    mine = examples[rank::world_size]
+    weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
+    mine = mine + examples[:1] * (per_rank - len(mine))
+    return [(collate(mine[i: i + micro_batch_size], pad_id), torch.tensor(weights[i: i + micro_batch_size]))
+            for i in range(0, per_rank, micro_batch_size)]
+
+
+class Batches:
+    """The run's global batches, numbered from 0 over all epochs: batch `index` is the same pairs whatever the number
+    of processes and micro-batches, so the same command means the same optimization on 1 or 8 GPUs.
+
+    Every epoch is a new shuffle, a function of (seed, epoch) alone, cut into len(pairs) // batch_size whole global
+    batches; the few pairs left over (fewer than a batch) wait for the next epoch's shuffle. Rank r takes every
+    world_size-th pair of a global batch (as DistributedSampler does) and cuts its share into micro-batches.
+    group_by_length: each global batch holds pairs of similar length, so that less of every forward pass is padding."""
+
+    def __init__(self, examples, batch_size, micro_batch_size, rank=0, world_size=1, seed=0, group_by_length=False):
+        self.examples, self.batch_size, self.micro_batch_size = examples, batch_size, micro_batch_size
+        self.rank, self.world_size, self.seed, self.group_by_length = rank, world_size, seed, group_by_length
+        self.per_epoch = len(examples) // batch_size
+        self.order = (None, [])  # (epoch, its order): computed once per epoch
+
+    def epoch_order(self, epoch):
+        """The pairs of one epoch in training order, whole global batches only."""
+        if self.order[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)  # one stream per (seed, epoch): seed s's
+            order = torch.randperm(len(self.examples), generator=g).tolist()  # 2nd epoch is not seed s+1's 1st
+            if self.group_by_length:  # sort windows of 64 global batches by length, cut into batches, shuffle those
+                def length(i):  # the padded length of the pair's two rows
+                    e = self.examples[i]
+                    return len(e["prompt"]) + max(len(e["chosen"]), len(e["rejected"]))
+                window = 64 * self.batch_size
+                order = [i for w in range(0, len(order), window) for i in sorted(order[w: w + window], key=length)]
+                whole = [order[b: b + self.batch_size] for b in range(0, self.per_epoch * self.batch_size,
+                                                                      self.batch_size)]  # a partial one is left over
+                order = [i for b in torch.randperm(len(whole), generator=g).tolist() for i in whole[b]]
+            self.order = (epoch, order[: self.per_epoch * self.batch_size])
+        return self.order[1]
+
+    def __call__(self, index):
+        """This rank's micro-batches of global batch `index`: lists of (pair, its neighbour in the global batch)."""
+        epoch, i = divmod(index, self.per_epoch)
+        batch = [self.examples[j] for j in self.epoch_order(epoch)[i * self.batch_size: (i + 1) * self.batch_size]]
+        mine = [(batch[k], batch[(k + 1) % len(batch)]) for k in range(self.rank, len(batch), self.world_size)]
+        return [mine[m: m + self.micro_batch_size] for m in range(0, len(mine), self.micro_batch_size)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -586,7 +430,7 @@ def inspect(args):
     from model import load_tokenizer
     tokenizer = load_tokenizer(args.model)  # first: a --model that cannot be read stops before the rows load
     rows = load_rows(args.dataset, args.split, skip_bad_rows=True, data_dir=args.data_dir)  # every problem at once
-    examples = tokenize(rows, tokenizer, args.max_length, args.max_prompt_length)
+    examples = tokenize(rows, tokenizer, args.max_length, args.max_prompt_length, skip_bad_rows=True)
     for name in ("prompt", "chosen", "rejected"):
         lengths = torch.tensor([len(e[name]) for e in examples], dtype=torch.float)
         q = torch.quantile(lengths, torch.tensor([0.5, 0.9, 0.99])).tolist()
@@ -596,13 +440,14 @@ def inspect(args):
         print(f"note: {len(examples)} pair(s) cannot fill one batch of --batch_size {args.batch_size}: train.py needs "
               f"at least that many")
     padding = {}
-    for group_size in (0, args.batch_size):  # share of padded positions in the micro-batches of one epoch
-        shapes = [collate(b, 0)["attention_mask"]
-                  for b in batches(examples, args.micro_batch_size, 0, 1, seed=0, epoch=0, group_size=group_size)]
+    for grouped in (False, True):  # share of padded positions in the micro-batches of one epoch
+        epoch = Batches(examples, args.batch_size, args.micro_batch_size, group_by_length=grouped)
+        shapes = [collate([pair for pair, _ in micro], 0)["attention_mask"]
+                  for i in range(epoch.per_epoch) for micro in epoch(i)]
         positions = sum(m.numel() for m in shapes)
-        padding[group_size] = f"{1 - sum(int(m.sum()) for m in shapes) / positions:.1%}" if positions else "n/a"
-    print(f"padding in micro-batches of {args.micro_batch_size} pairs: {padding[0]} of positions, "
-          f"{padding[args.batch_size]} with --group_by_length (global batch {args.batch_size})")
+        padding[grouped] = f"{1 - sum(int(m.sum()) for m in shapes) / positions:.1%}" if positions else "n/a"
+    print(f"padding in micro-batches of {args.micro_batch_size} pairs: {padding[False]} of positions, "
+          f"{padding[True]} with --group_by_length (global batch {args.batch_size})")
     e = examples[0]
     print(f"\nrow {e['row']} as the model sees it (completion between ⟦ ⟧):")
     print(tokenizer.decode(e["prompt"]) + "⟦" + tokenizer.decode(e["chosen"]) + "⟧   <- chosen")

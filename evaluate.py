@@ -33,9 +33,10 @@ import urllib.request
 import torch
 from tqdm import tqdm
 
-from data import collate, held_out, load_splits, pad, render, shorten, to_device, tokenize, turn_end
+from data import collate, pad, render, render_prompts, shorten, to_device, tokenize, turn_end
 from guards import UserError, report_user_errors
 from model import load_model, load_tokenizer, locate, reading, sequence_logps
+from sources import held_out, load_splits
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -66,7 +67,7 @@ Better: <A, B or tie>"""
 
 def gold_judge(tasks):
     """The demo set's programmatic judge (gold.py): the higher gold score wins."""
-    from gold import score
+    from demo.gold import score
 
     def compare(i, prompt, a, b):
         sa, sb = score(tasks[i], a), score(tasks[i], b)
@@ -353,7 +354,7 @@ def prompts_to_sample(prompts_set, test_rows, train_rows, log):
     """(prompts, gold tasks or None): the demo's tasks (held out from training, with their gold answers), or each
     distinct prompt of the rows to score, except a prompt that training also saw (in a row with other answers)."""
     if prompts_set == "demo":
-        tasks = [json.loads(line) for line in open(os.path.join(HERE, "data", "demo_prompts_eval.jsonl"))]
+        tasks = [json.loads(line) for line in open(os.path.join(HERE, "demo", "prompts_eval.jsonl"))]
         return [t["prompt"] for t in tasks], tasks
     trained = {json.dumps(r["prompt"]) for r in train_rows}
     unique = {json.dumps(r["prompt"]): r["prompt"] for r in test_rows}
@@ -519,17 +520,20 @@ def main():
 
     sft_model, tokenizer = load_checkpoint(args.baseline, dtype, "--baseline")
     sft_model.to(device)
-    fitted = fit_prompts(tokenizer, prompts, max_length, max_prompt_length, args.max_new_tokens)
+    originals, _ = render_prompts(tokenizer, prompts)  # less those its chat template refuses, counted
+    fitted = fit_prompts(tokenizer, originals, max_length, max_prompt_length, args.max_new_tokens)
     kept = [i for i, f in enumerate(fitted) if f is not None][: args.n_prompts]
-    if len(kept) < min(len(prompts), args.n_prompts):
+    if len(kept) < min(len(originals), args.n_prompts):
         print(f"note: {sum(f is None for f in fitted)} prompt(s) cannot fit {max_prompt_length} tokens beside the "
               "chat template's own: left out, as training drops them")
     prompts, prompt_ids = [fitted[i][0] for i in kept], [fitted[i][1] for i in kept]
     if not prompts:
         raise UserError(f"no prompt of {prompts_set} is left to sample (see the notes above)")
-    if args.judge == "gold":
-        judge = gold_judge([tasks[i] for i in kept])
-    pairs = tokenize(test_rows[: args.n_pairs], tokenizer, max_length, max_prompt_length, log=lambda m: None)
+    if args.judge == "gold":  # each kept prompt's task: the tasks hold the very prompt objects
+        task_of = {id(t["prompt"]): t for t in tasks}
+        judge = gold_judge([task_of[id(originals[i])] for i in kept])
+    pairs = tokenize(test_rows[: args.n_pairs], tokenizer, max_length, max_prompt_length, log=lambda m: None,
+                     skip_bad_rows=True)
     pair_batches = [to_device(collate(pairs[i: i + args.batch_size], tokenizer.pad_token_id), device)
                     for i in range(0, len(pairs), args.batch_size)]
     print(f"scoring {len(prompts)} prompts and {len(pairs)} pairs of {prompts_set} (max_length {max_length}, "

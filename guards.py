@@ -1,10 +1,23 @@
-"""Run guards: what keeps a run honest when something goes wrong. A user's mistake is one sentence, not a traceback.
+"""Run guards: what keeps a long run honest when something goes wrong. None of it is the method; train.py calls each
+piece once, by name.
 
-Every entry point (train.py, evaluate.py, data.py, plot.py, toy.py, bench.py) calls `report_user_errors()` once:
-a UserError that reaches the top is printed as `error: <message>` on stderr, on a line of its own (after any
-progress bar), and the process exits with status 1. Any other exception keeps its traceback: that is a bug.
+- Flags no run can use are refused before anything loads (`check_flags`).
+- A user's mistake is one sentence: every entry point calls `report_user_errors()`, and a UserError that reaches
+  the top prints as `error: <message>` on stderr, on a line of its own (after any progress bar), exit status 1.
+  Any other exception keeps its traceback: that is a bug.
+- Stop signals (`StopSignals`): SIGTERM or Ctrl-C finishes the current optimizer step, saves and exits 0.
+- Non-finite steps (`check_finite`): never applied; the run stops with the rows that produced them, or skips them.
+- Replicas (`check_replicas`): DDP ranks must end bit-identical.
+- The exit (`finish`): around a gloo bug at interpreter shutdown.
 """
+import hashlib
+import math
+import os
+import signal
 import sys
+
+import torch
+import torch.distributed as dist
 
 
 class UserError(Exception):
@@ -16,6 +29,98 @@ def report_user_errors():
     def hook(kind, error, traceback):
         if not issubclass(kind, UserError):
             return sys.__excepthook__(kind, error, traceback)
-        from tqdm import tqdm
-        tqdm.write(f"error: {error}", file=sys.stderr)  # clears a progress bar first: the message gets its own line
+        say(f"error: {error}")
     sys.excepthook = hook
+
+
+def say(message):
+    """A line on stderr that clears a progress bar first: the message gets its own line, not the bar's."""
+    from tqdm import tqdm
+    tqdm.write(message, file=sys.stderr)
+
+
+def fail(message):
+    """Stop the run, exit status 1: a failure of the run, not of its input (those are UserErrors)."""
+    say(f"error: {message}")
+    raise SystemExit(1)
+
+
+def check_flags(parser, args, method, rule):
+    """train.py's flag values that no run can use, each refused by argparse with the flag's name (status 2)."""
+    from losses import METHODS
+    if rule and not 0 <= rule.alpha <= 1:
+        parser.error(f"--alpha {rule.alpha} must lie in [0, 1] (the weight of the policy in the reference update)")
+    if rule and rule.tau < 1:
+        parser.error(f"--tau {rule.tau} must be at least 1 (the reference is updated every tau optimizer steps)")
+    for other, (_, _, flags) in METHODS.items():  # a loss's own option given to another method
+        for name, (default, _) in flags.items():
+            if other != method and getattr(args, name) != default:
+                parser.error(f"--{name} is an option of --method {other} and tr_{other}, not of {args.method}")
+    if args.ipo_average and method != "ipo":
+        parser.error(f"--ipo_average is an option of --method ipo and tr_ipo, not of {args.method}")
+    if args.beta <= 0:
+        parser.error(f"--beta {args.beta} must be positive")
+    if args.max_steps is not None and args.max_steps < 1:
+        parser.error(f"--max_steps {args.max_steps} must be at least 1 (leave it out to train for --epochs)")
+    if method == "kto" and args.batch_size < 2:
+        parser.error("KTO estimates its KL on mismatched pairs, each prompt with the next pair's completions: "
+                     "--batch_size must be at least 2")
+
+
+class StopSignals:
+    """SIGTERM (a scheduler's `scancel`, a preemption) or SIGINT (Ctrl-C) asks the run to stop after the current
+    optimizer step, save, and exit 0. Under plain `python` a second Ctrl-C stops at once, unless a checkpoint is being
+    written. Under torchrun a second signal never stops a worker: Ctrl-C in a terminal reaches every process of the
+    group, and torchrun forwards the same signal again, so each worker gets two at once. torchrun itself kills its
+    workers `--shutdown-timeout` seconds (default 30) after it got the signal, and exits 1 (see DESIGN.md)."""
+
+    def __init__(self, under_torchrun):
+        self.requested, self.saving, self.under_torchrun = False, False, under_torchrun
+        signal.signal(signal.SIGTERM, self.handle)
+        signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT and not (self.under_torchrun or self.saving):
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+def check_finite(step, loss, grad_norm, places, skipped, limit, save, log):
+    """A step whose loss or gradient norm is NaN or inf is never applied. Returns True to skip it (at most `limit`
+    in a run); otherwise saves the last good state and stops, naming every row of the step (`places`, this rank's;
+    every rank's are gathered). Every rank calls it with the same numbers, so all ranks decide alike."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return False
+    if dist.is_initialized():  # every rank's rows, in every rank's message
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, places)
+        places = sum(gathered, [])
+    message = f"step {step}: loss {loss:.4g}, gradient norm {grad_norm:.4g}; rows {places}"
+    if skipped < limit:
+        log(f"warning: skipped {message} ({skipped + 1} of at most {limit}, --skip_nonfinite)")
+        return True
+    save()  # the weights are still those of the last good step
+    fail(f"non-finite {message}. Saved the last good state; lower --lr, check those rows, or pass --skip_nonfinite N.")
+
+
+def check_replicas(models, log):
+    """DDP replicas must end identical, bit for bit: the same averaged gradients, and each rank moved its reference
+    alike. A sha256 of every parameter, compared over the ranks."""
+    digest = hashlib.sha256()
+    for t in (t for m in models if m is not None for t in m.parameters()):
+        digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest.hexdigest())
+    if len(set(digests)) > 1:
+        fail(f"the replicas diverged: parameter sha256 per rank {digests}")
+    log(f"policy and reference sha256 {digests[0][:16]} identical on all {len(digests)} ranks")
+
+
+def finish():
+    """End a torchrun worker. A gloo worker thread can still be releasing the last collective's tensors, which takes
+    the GIL; once Python is shutting down that aborts the process ("terminate called without an active exception",
+    1 run in 20 here). All is saved and closed by now, so leave without the interpreter's shutdown."""
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -11,12 +11,15 @@ import torch
 import torch.nn.functional as F
 
 
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
-    """Direct Preference Optimization (Rafailov et al. 2023). Returns (losses, chosen_rewards, rejected_rewards)."""
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+             label_smoothing=0.0):
+    """Direct Preference Optimization (Rafailov et al. 2023). Returns (losses, chosen_rewards, rejected_rewards).
+    label_smoothing eps: conservative DPO (Mitchell 2023), for labels flipped with probability eps."""
     # h = (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))
     h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
     # DPO (Rafailov et al. eq. 7): L = -log sigmoid(beta * h)
-    losses = -F.logsigmoid(beta * h)
+    # cDPO: L = -(1 - eps) log sigmoid(beta * h) - eps log sigmoid(-beta * h)
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     # implicit rewards r = beta * (log pi - log ref), logged only
     chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
@@ -33,11 +36,11 @@ def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return losses, chosen_rewards, rejected_rewards
 
 
-def kto_loss(policy_logps, ref_logps, desirable, kl, beta, lambda_d=1.0, lambda_u=1.0):
+def kto_loss(policy_logps, ref_logps, desirable, kl, beta, kto_lambda_d=1.0, kto_lambda_u=1.0):
     """Kahneman-Tversky Optimization (Ethayarajh et al. 2024) on unpaired examples. Returns (losses, rewards).
 
-    desirable: (B,) bool. kl: a 0-dim estimate of KL(pi || ref), the batch mean of log pi(y'|x) - log ref(y'|x) over
-    mismatched (prompt, completion) pairs; train.py computes it and averages it over all ranks before calling.
+    desirable: (B,) bool. kl: a 0-dim estimate of KL(pi || ref), the mean of log pi(y'|x) - log ref(y'|x) over
+    mismatched (prompt, completion) pairs; train.py estimates it once per optimizer step, over all ranks.
     """
     rewards = policy_logps - ref_logps  # r = log pi(y|x) - log ref(y|x)
     # z = max(0, KL estimate): detached, a baseline rather than something to optimise
@@ -45,6 +48,18 @@ def kto_loss(policy_logps, ref_logps, desirable, kl, beta, lambda_d=1.0, lambda_
     # KTO (Ethayarajh et al. 2024): desirable  lambda_D * (1 - sigmoid(beta * (r - z))),
     #                                undesirable lambda_U * (1 - sigmoid(beta * (z - r)))
     losses = torch.where(desirable,
-                         lambda_d * (1 - torch.sigmoid(beta * (rewards - z))),
-                         lambda_u * (1 - torch.sigmoid(beta * (z - rewards))))
+                         kto_lambda_d * (1 - torch.sigmoid(beta * (rewards - z))),
+                         kto_lambda_u * (1 - torch.sigmoid(beta * (z - rewards))))
     return losses, beta * rewards.detach()
+
+
+# --method: each loss, whether it trains on pairs (called with the four log-prob tensors of B pairs) or on unpaired
+# examples (KTO: chosen desirable, rejected undesirable, and the KL estimate), and its own flags, {name: (default,
+# help)}: train.py offers each as --name for this method (and its TR form) and passes it to the loss by name.
+METHODS = {
+    "dpo": (dpo_loss, "paired", {"label_smoothing": (0.0, "conservative DPO (Mitchell 2023): the probability eps "
+                                                          "that a pair's preference is flipped; 0 = plain DPO")}),
+    "ipo": (ipo_loss, "paired", {}),
+    "kto": (kto_loss, "unpaired", {"kto_lambda_d": (1.0, "KTO weight of desirable (chosen) examples"),
+                                   "kto_lambda_u": (1.0, "KTO weight of undesirable (rejected) examples")}),
+}

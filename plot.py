@@ -16,7 +16,7 @@ import json
 import os
 
 from guards import UserError, report_user_errors
-from ref_update import should_update
+from ref_update import Rule
 
 FIGURE_TYPES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".webp", ".eps", ".ps", ".tif", ".tiff")  # by matplotlib
 
@@ -56,20 +56,17 @@ def read_run(folder):
 
 
 def reference_updates(args, last_step):
-    """The steps after which the reference moved, as train.py decides it (ref_update.should_update); [] for vanilla
-    methods and for a soft update every step (tau 1), where every step would be one."""
-    if not args["method"].startswith("tr_") or args["alpha"] == 0 or args["tau"] == 1:
+    """The steps after which the reference moved, by the run's rule (ref_update.Rule); [] for vanilla methods and
+    for a soft update every step (tau 1), where every step would be one."""
+    rule = Rule.of_run(args)
+    if rule is None or rule.alpha == 0 or rule.tau == 1:
         return []
-    return [s for s in range(1, last_step + 1) if should_update(s, args["tau"])]
+    return [s for s in range(1, last_step + 1) if rule.due(s)]
 
 
 def label(folder, args):
-    name = os.path.basename(os.path.normpath(folder))
-    if not args["method"].startswith("tr_"):
-        return f"{name} ({args['method']})"
-    rule = ("soft, alpha {alpha:g} every step" if args["tau"] == 1 else "hard copy every {tau}" if args["alpha"] == 1
-            else "alpha {alpha:g} every {tau}").format(**args)
-    return f"{name} ({args['method']}, {rule})"
+    rule = Rule.of_run(args)
+    return f"{os.path.basename(os.path.normpath(folder))} ({args['method']}{f', {rule.label}' if rule else ''})"
 
 
 def plot(folders, out):

@@ -13,17 +13,16 @@ One rule, two readings. Every `tau` optimizer steps the reference is mixed towar
 Naming trap: in RL code (cleanrl, DDPG) `tau` is the mixing weight; in this paper `tau` is the period and `alpha`
 the weight. alpha is the weight of the *policy*.
 """
+from dataclasses import dataclass
+
 import torch
+
+from fsdp import local_shard
 
 
 def should_update(step, tau):
     """True after optimizer step `step` (counted from 1) when the reference is due; micro-steps do not count."""
     return step % tau == 0
-
-
-def local(t):
-    """This rank's piece of a parameter: an FSDP2 parameter is a DTensor, whose shard .to_local() gives."""
-    return t.to_local() if hasattr(t, "to_local") else t  # (no DTensor import: 0.5 s at every start of a DDP run)
 
 
 @torch.no_grad()
@@ -36,10 +35,52 @@ def update_reference(reference, policy, alpha):
     small step away and the reference stalls; tests/test_ref_update.py shows both.
     """
     policy = getattr(policy, "module", policy)  # unwrap DDP
-    ref_params = [local(r) for r in reference.parameters()]
-    policy_params = [local(p).to(r.dtype) for r, p in zip(ref_params, policy.parameters())]  # upcast a bf16 policy
+    ref_params = [local_shard(r) for r in reference.parameters()]  # parameters(): a tied tensor once, not twice
+    policy_params = [local_shard(p).to(r.dtype) for r, p in zip(ref_params, policy.parameters())]  # upcast bf16
     if alpha == 1:  # hard update: an exact copy, bit for bit
         torch._foreach_copy_(ref_params, policy_params)
     else:
         # TR soft update (Gorbatovski et al.): theta_ref <- theta_ref + alpha * (theta - theta_ref)
         torch._foreach_lerp_(ref_params, policy_params, alpha)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A TR run's rule: when the reference moves, with what weight, and how to say it. train.py, plot.py and
+    evaluate.py all read it from here; a new rule (say, alpha decaying over the run) is a change to this class."""
+    alpha: float  # the policy's weight in each update
+    tau: int  # the period, in optimizer steps
+
+    @staticmethod
+    def of_run(run):
+        """The rule a run trained with (its args.json: alpha and tau as in force), or None for a vanilla method."""
+        return Rule(run["alpha"], run["tau"]) if run["method"].startswith("tr_") else None
+
+    def due(self, step):
+        return should_update(step, self.tau)
+
+    def weight(self, step):
+        """alpha at optimizer step `step`: the same at every step."""
+        return self.alpha
+
+    @property
+    def mixes(self):
+        """Whether an update is ever a mix rather than a copy (a mix needs an fp32 reference)."""
+        return self.alpha != 1
+
+    def moves(self, steps):
+        """Whether the reference moves at all in a run of `steps` optimizer steps (else the run is the vanilla one)."""
+        return self.alpha > 0 and steps >= self.tau
+
+    @property
+    def label(self):
+        return (f"soft, alpha {self.alpha:g} every step" if self.tau == 1 and self.mixes else
+                f"hard copy every {self.tau}" if not self.mixes else f"alpha {self.alpha:g} every {self.tau}")
+
+    def __str__(self):
+        every = "every step" if self.tau == 1 else f"every {self.tau} steps"
+        if not self.mixes:
+            return f"hard update: reference <- policy {every}"
+        lag = f" (lags the policy by {(1 - self.alpha) / self.alpha:.3g} steps)" if self.tau == 1 and self.alpha else ""
+        return (f"{'soft update every step: ' if self.tau == 1 else ''}reference <- {self.alpha:g} policy + "
+                f"{1 - self.alpha:g} reference{'' if self.tau == 1 else ' ' + every}{lag}")

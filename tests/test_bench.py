@@ -3,6 +3,10 @@ import re
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs train.py or other scripts: `make test` runs these, `make test-fast` not
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

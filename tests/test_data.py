@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import PAIRS, ROOT, TINY
-from data import (DataError, batches, collate, encode, hh_row, load_rows, load_splits, normalize, plain_prompt,
-                  tokenize)
+from data import Batches, collate, encode, plain_prompt, tokenize
+from sources import DataError, hh_row, load_rows, load_splits, normalize
 from families import BEGIN_OF_TEXT, EOT_ID, tokenizer_of
 
 HH_CHOSEN = ("\n\nHuman: What is a good name for a cat?\n\nAssistant: Whiskers is popular.\n\nHuman: Another one?"
@@ -341,30 +341,67 @@ def test_loss_mask_marks_exactly_the_completion_tokens(chat_tokenizer):
             assert batch["attention_mask"][row].sum() == n and not batch["loss_mask"][row, n:].any()
 
 
-def test_kto_kl_rows_pair_each_prompt_with_the_next_examples_completion(chat_tokenizer):
+def test_kto_kl_rows_pair_each_prompt_with_its_neighbours_completions(chat_tokenizer):
     examples = tokenize(load_rows(PAIRS)[:3], chat_tokenizer, 128, 64, log=lambda m: None)
-    batch = collate(examples, pad_id=chat_tokenizer.pad_token_id, method="kto", max_length=128)
-    completions = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
+    neighbours = examples[1:] + examples[:1]
+    batch = collate(examples, pad_id=chat_tokenizer.pad_token_id, method="kto", max_length=128, neighbours=neighbours)
+    completions = [n["chosen"] for n in neighbours] + [n["rejected"] for n in neighbours]
     prompts = [e["prompt"] for e in examples] * 2
     for i in range(6):
         row = batch["kl"]["input_ids"][i]
         assert row[: len(prompts[i])].tolist() == prompts[i].tolist()
-        assert row[batch["kl"]["loss_mask"][i]].tolist() == completions[(i + 1) % 6].tolist()
+        assert row[batch["kl"]["loss_mask"][i]].tolist() == completions[i].tolist()
 
 
-def test_two_ranks_see_the_same_pairs_per_step_as_one_process():
+def step_pairs(examples, index, batch_size, micro_batch_size, world_size, group_by_length=False, seed=3):
+    """Every rank's micro-batches of global batch `index`, as lists of row ids: [rank][micro-step]."""
+    return [[[pair["row"] for pair, _ in micro] for micro in
+             Batches(examples, batch_size, micro_batch_size, rank, world_size, seed, group_by_length)(index)]
+            for rank in range(world_size)]
+
+
+LAYOUTS = [(1, 8), (1, 4), (2, 2), (4, 1), (2, 4)]  # (processes, micro-batch size) for a global batch of 8
+
+
+def test_every_layout_trains_the_same_pairs_in_every_step_and_no_step_holds_a_pair_twice():
+    """37 pairs, global batch 8: 4 steps an epoch, 5 pairs left over. Over two epochs, 1 process x 8, 1 x 4 x 2
+    accumulation, 2 x 2 x 2, 4 x 1 x 2 and 2 x 4 x 1 give each step the same 8 pairs, all different."""
     examples = [{"row": i} for i in range(37)]
-    one = list(batches(examples, 4, rank=0, world_size=1, seed=3, epoch=1))
-    two = [list(batches(examples, 2, rank=r, world_size=2, seed=3, epoch=1)) for r in (0, 1)]
-    for step in range(4):  # one process: micro-batch of 4; two ranks: micro-batches of 2 each
-        assert sorted(e["row"] for e in one[step]) == sorted(e["row"] for r in (0, 1) for e in two[r][step])
+    for index in range(8):  # two epochs
+        steps = [sorted(r for rank in step_pairs(examples, index, 8, micro, world) for m in rank for r in m)
+                 for world, micro in LAYOUTS]
+        assert all(s == steps[0] for s in steps), (index, steps)
+        assert len(set(steps[0])) == 8, (index, steps[0])
+    epochs = [sorted(r for index in range(e * 4, e * 4 + 4) for r in step_pairs(examples, index, 8, 8, 1)[0][0])
+              for e in (0, 1)]
+    assert all(len(set(e)) == 32 for e in epochs) and epochs[0] != epochs[1]  # each epoch: 32 pairs, each once
 
 
-def test_resuming_mid_epoch_continues_the_same_order():
-    examples = [{"row": i} for i in range(20)]
-    full = [[e["row"] for e in b] for b in batches(examples, 3, 0, 1, seed=0, epoch=0)]
-    rest = [[e["row"] for e in b] for b in batches(examples, 3, 0, 1, seed=0, epoch=0, skip=2)]
-    assert rest == full[2:]
+def test_a_seeds_second_epoch_is_not_the_next_seeds_first():
+    examples = [{"row": i} for i in range(64)]
+    first_epoch_of_seed_1 = step_pairs(examples, 0, 64, 64, 1, seed=1)
+    second_epoch_of_seed_0 = step_pairs(examples, 1, 64, 64, 1, seed=0)
+    assert first_epoch_of_seed_1 != second_epoch_of_seed_0
+    assert step_pairs(examples, 1, 64, 64, 1, seed=0) == step_pairs(examples, 1, 64, 64, 1, seed=0)  # but repeatable
+
+
+def test_kto_mismatched_pairs_of_a_global_batch_are_the_same_on_every_layout():
+    """KTO's KL estimate is the mean over the mismatched rows of the whole global batch: the same set of (prompt,
+    completion) rows whatever the layout, so the same estimate."""
+    examples = [{"row": i, "prompt": torch.tensor([i]), "chosen": torch.tensor([100 + i]),
+                 "rejected": torch.tensor([200 + i])} for i in range(24)]
+    for index in range(3):
+        rows = []
+        for world, micro in LAYOUTS:
+            kl = set()
+            for rank in range(world):
+                for m in Batches(examples, 8, micro, rank, world, seed=5)(index):
+                    pairs, neighbours = zip(*m)
+                    batch = collate(pairs, 0, "kto", 16, neighbours)["kl"]
+                    kl |= {tuple(r[mask].tolist()) + tuple(r[:1].tolist()) for r, mask in
+                           zip(batch["input_ids"], batch["loss_mask"])}
+            rows.append(kl)
+        assert len(rows[0]) == 16 and all(r == rows[0] for r in rows), index  # 2 per pair: chosen and rejected
 
 
 def pairs_of_lengths(lengths):
@@ -376,36 +413,35 @@ def pairs_of_lengths(lengths):
 def test_group_by_length_makes_each_global_batch_a_run_of_the_sorted_lengths():
     lengths = torch.randperm(120, generator=torch.Generator().manual_seed(0)).add(2).tolist()  # distinct, 2..121
     examples = pairs_of_lengths(lengths)
-    got = [[lengths[e["row"]] for e in b] for b in batches(examples, 4, 0, 1, seed=1, epoch=0, group_size=4)]
+    got = [[lengths[r] for r in step_pairs(examples, i, 4, 4, 1, group_by_length=True, seed=1)[0][0]]
+           for i in range(30)]
     runs = sorted(lengths)  # one window (64 batches > 30): batch k of the sorted order is runs[4k: 4k + 4]
     assert sorted(sorted(b) for b in got) == [runs[k: k + 4] for k in range(0, 120, 4)]
     assert got != sorted(got)  # the batches themselves come in shuffled order, not shortest first
 
 
-def test_group_by_length_keeps_every_pair_once_and_the_same_pairs_per_step_on_two_ranks():
+def test_group_by_length_keeps_every_pair_once_and_the_same_pairs_per_step_on_every_layout():
     lengths = [int(x) for x in torch.randint(5, 400, (203,), generator=torch.Generator().manual_seed(1))]
     examples = pairs_of_lengths(lengths)
-    one = list(batches(examples, 2, 0, 1, seed=2, epoch=3, group_size=6))  # global batch 6: 3 micro-batches of 2
-    rows = [e["row"] for b in one for e in b]
-    assert len(rows) == len(set(rows)) == 202  # each pair once; the odd one out does not fill a micro-batch
-    two = [list(batches(examples, 1, r, 2, seed=2, epoch=3, group_size=6)) for r in (0, 1)]
-    for step in range(33):  # one process: 3 micro-batches of 2; two ranks: 3 micro-batches of 1 each
-        assert sorted(e["row"] for b in one[3 * step: 3 * step + 3] for e in b) == \
-            sorted(e["row"] for r in (0, 1) for b in two[r][3 * step: 3 * step + 3] for e in b)
-    rest = list(batches(examples, 2, 0, 1, seed=2, epoch=3, skip=5, group_size=6))
-    assert [[e["row"] for e in b] for b in rest] == [[e["row"] for e in b] for b in one[5:]]
+    rows = [r for i in range(25) for r in step_pairs(examples, i, 8, 8, 1, True)[0][0]]
+    assert len(rows) == len(set(rows)) == 200  # each pair once; 3 left over
+    for index in range(25):
+        steps = [sorted(r for rank in step_pairs(examples, index, 8, micro, world, True) for m in rank for r in m)
+                 for world, micro in LAYOUTS]
+        assert all(s == steps[0] for s in steps), index
 
 
 def test_group_by_length_cuts_padding():
     lengths = [int(x) for x in torch.randint(10, 500, (512,), generator=torch.Generator().manual_seed(2))]
     examples = pairs_of_lengths(lengths)
 
-    def padding(group_size):  # padded positions / all positions, micro-batches of 4 pairs
-        bs = [[lengths[e["row"]] for e in b] for b in batches(examples, 4, 0, 1, seed=0, epoch=0, group_size=group_size)]
+    def padding(grouped):  # padded positions / all positions, micro-batches of 4 pairs, global batches of 16
+        bs = [[lengths[r] for r in m] for i in range(32) for m in step_pairs(examples, i, 16, 4, 1, grouped)[0]]
         return 1 - sum(sum(b) for b in bs) / sum(4 * max(b) for b in bs)
-    assert padding(0) > 0.25 and padding(16) < 0.02
+    assert padding(False) > 0.25 and padding(True) < 0.02
 
 
+@pytest.mark.slow  # a script run as a subprocess
 def test_inspector_lists_every_bad_row_and_the_padding(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(open(PAIRS).read() + '{"prompt": "x", "chosen": "y"}\nnot json\n')
@@ -417,6 +453,7 @@ def test_inspector_lists_every_bad_row_and_the_padding(tmp_path):
     assert "tokenized 41 of 41 pairs" in log and "with --group_by_length (global batch 8)" in log
 
 
+@pytest.mark.slow  # a script run as a subprocess
 @pytest.mark.parametrize("content, says", [
     ('{"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}\n', "1 pair(s) cannot fill one batch"),
     (b'null\n"text"\n[1, 2]\n{"prompt": 5, "chosen": {}, "rejected": []}\n\xff\xfe\x00garbage\n', "no usable rows"),

@@ -11,12 +11,14 @@ from safetensors.torch import load_file
 from conftest import PAIRS, TINY
 from test_train import train
 
+pytestmark = pytest.mark.slow  # runs train.py or other scripts: `make test` runs these, `make test-fast` not
+
 LOG2 = -F.logsigmoid(torch.tensor(0.0)).item()  # the DPO loss when policy == reference, as fp32 computes it
 
 # every run these tests read, made once: name -> (processes, flags); tiny Llama, pairs.jsonl, 4 pairs a step
 RUNS = {
     "ddp_hard": (2, ["--method", "tr_dpo", "--tau", "1", "--max_steps", "2"]),
-    "ddp_vanilla": (2, ["--method", "dpo", "--max_steps", "1"]),
+    "ddp_vanilla": (2, ["--method", "dpo", "--max_steps", "1", "--batch_size", "8"]),  # 2 micro-steps of 2 per rank
     "ddp_soft": (2, ["--method", "tr_dpo", "--alpha", "0.5", "--max_steps", "1"]),
     "fsdp2_hard": (2, ["--fsdp", "--method", "tr_dpo", "--tau", "1", "--max_steps", "2"]),
     "fsdp2_hard_bf16": (2, ["--fsdp", "--dtype", "bf16", "--method", "tr_dpo", "--tau", "1", "--max_steps", "2"]),
@@ -89,8 +91,10 @@ def test_fsdp_mix_every_tau_steps_matches_one_process(run, tmp_path):
     assert [r["ref_updates"] for r in records_fsdp] == [0, 1, 1, 2]
     _, reference = sharded_checkpoint(out_fsdp, 4, tmp_path)
     expected = torch.load(out_one / "step_000004" / "state.pt", weights_only=False)["reference"]
-    # reduce-scatter sums gradients in another order than one process: Adam can turn that into ~1e-6 (lr 1e-3)
-    assert all(torch.allclose(reference[k], expected[k], atol=1e-5) for k in expected)
+    # reduce-scatter sums gradients in another order than one process: Adam can turn that rounding into ~1e-6 (lr
+    # 1e-3), and now and then, where a gradient element is near 0, into 2e-5 (one element of 1.6M seen)
+    worst = max((reference[k] - expected[k]).abs().max().item() for k in expected)
+    assert worst < 5e-5, worst
     for a, b in zip(records_one, records_fsdp):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
 
@@ -146,6 +150,50 @@ def test_fsdp_gradients_stay_sharded_during_gradient_accumulation(run):
         assert held["gradients"] == pytest.approx(2, abs=0.01) and held["other"] < 0.1, held
 
 
+def test_ddp_gradients_stay_views_into_its_buckets_during_gradient_accumulation(run):
+    """After the first of two micro-steps (under no_sync) a DDP rank holds its gradients once: as views into DDP's
+    buckets, 4 bytes/parameter. Gradients set to None between steps would be allocated afresh by every no_sync
+    backward beside the buckets DDP always holds: 8 bytes/parameter, 24 in all after a step instead of 20."""
+    _, _, memory, _ = run("ddp_vanilla")
+    for held in per_parameter(memory, "after the first backward"):
+        assert held["gradients"] == pytest.approx(4, abs=0.01) and held["ddp_buckets"] == pytest.approx(0, abs=0.01)
+
+
+def test_the_policys_root_is_gathered_once_per_micro_step_and_resharded_after_a_forward_without_backward(tmp_path):
+    """FSDP2 keeps a root's gathered weights (embeddings, head) from forward to backward, which starts with them: per
+    micro-step the policy gathers its 2 blocks twice and its root once (5), not the root twice (6: the reference's
+    setting, which has no backward). After a forward without backward (evaluation, KTO's KL) fsdp.reshard gives the
+    root back, so that the reference update and checkpoints see shards."""
+    import torch.distributed as dist
+    import torch.distributed.fsdp._fully_shard._fsdp_param_group as group  # counted where FSDP2 gathers a group
+    from fsdp import reshard, shard
+    from model import load_model
+    gathers, unshard = [], group.FSDPParamGroup.unshard
+
+    def counted(self, *args, **kwargs):
+        if not self.is_unsharded and self._all_gather_result is None:  # a real gather, not an early return
+            gathers.append(self)
+        return unshard(self, *args, **kwargs)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    group.FSDPParamGroup.unshard = counted
+    try:
+        ids = torch.tensor([[1, 2, 3, 4]])
+        for reshard_root, expected in ((False, 5), (True, 6)):
+            model = shard(load_model(TINY), use_bf16=False, reshard_root=reshard_root)
+            gathers.clear()
+            model(input_ids=ids).logits.sum().backward()
+            assert len(gathers) == expected, (reshard_root, len(gathers))
+        with torch.no_grad():
+            model = shard(load_model(TINY), use_bf16=False)
+            model(input_ids=ids)
+        assert not hasattr(model.model.embed_tokens.weight, "to_local")  # the root's weights, gathered
+        reshard(model)
+        assert hasattr(model.model.embed_tokens.weight, "to_local")  # shards again (DTensors)
+    finally:
+        group.FSDPParamGroup.unshard = unshard
+        dist.destroy_process_group()
+
+
 def test_a_resumed_run_holds_no_second_copy_of_optimizer_or_reference(tmp_path):
     flags = ["--method", "tr_dpo", "--alpha", "0.5"]
     train(tmp_path, *flags, "--max_steps", "1", nproc=2)
@@ -162,7 +210,8 @@ def test_a_resumed_run_holds_no_second_copy_of_optimizer_or_reference(tmp_path):
 
 def test_under_fsdp_bf16_a_bf16_reference_computes_exactly_like_the_fp32_policy(tmp_path, chat_tokenizer):
     import torch.distributed as dist
-    from data import collate, load_rows, tokenize
+    from data import collate, tokenize
+    from sources import load_rows
     from fsdp import shard
     from model import load_model, sequence_logps
     batch = collate(tokenize(load_rows(PAIRS)[:4], chat_tokenizer, 64, 48, log=lambda m: None), 0)
@@ -183,7 +232,8 @@ def test_under_autocast_a_bf16_copy_does_not_compute_like_its_fp32_master(chat_t
     """Why DDP keeps the reference in fp32: embeddings and norms run in the weights' own dtype, so a bf16 copy of
     the policy gives other log-probs than the policy under bf16 autocast, and a step-1 loss that is not log 2."""
     import copy
-    from data import collate, load_rows, tokenize
+    from data import collate, tokenize
+    from sources import load_rows
     from model import load_model, sequence_logps
     batch = collate(tokenize(load_rows(PAIRS)[:4], chat_tokenizer, 64, 48, log=lambda m: None), 0)
     policy = load_model(TINY)

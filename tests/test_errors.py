@@ -225,6 +225,7 @@ PROCESSES = {
 }
 
 
+@pytest.mark.slow  # six interpreters; the tables above run the same inputs in this process in milliseconds
 def test_each_entry_point_as_a_process_ends_in_one_sentence_without_a_traceback(world, tmp_path):
     env = {**os.environ, "HF_ENDPOINT": world["closed"], "HF_HUB_CACHE": str(tmp_path / "hub-cache")}
     env.pop("HF_HUB_OFFLINE", None)

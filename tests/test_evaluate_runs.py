@@ -4,7 +4,6 @@ import contextlib
 import io
 import json
 import os
-import subprocess
 import sys
 import threading
 from http.server import HTTPServer
@@ -13,11 +12,14 @@ import pytest
 import torch
 
 import evaluate
-from conftest import PAIRS, ROOT, TINY
-from data import collate, encode, load_splits, render, tokenize
+from conftest import PAIRS, TINY, train_py
+from data import collate, encode, render, tokenize
 from guards import UserError
 from model import load_model, load_tokenizer, sequence_logps
+from sources import load_splits
 from test_evaluate import FakeJudge
+
+pytestmark = pytest.mark.slow  # runs train.py: `make test` runs these, `make test-fast` not
 
 EVAL_PAIRS, MAX_LENGTH, MAX_PROMPT_LENGTH, MAX_NEW_TOKENS = 16, 64, 48, 4
 quiet = {"log": lambda message: None}
@@ -41,12 +43,11 @@ def run(tmp_path_factory):
     data = root / "data.jsonl"
     data.write_text(open(PAIRS).read() + "".join(json.dumps(long_row(i)) + "\n" for i in range(20)))
     out = root / "run"
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "train.py"), "--model", TINY, "--dataset", str(data), "--eval_pairs",
-         str(EVAL_PAIRS), "--batch_size", "4", "--micro_batch_size", "2", "--max_steps", "2", "--save_interval", "1",
-         "--max_length", str(MAX_LENGTH), "--max_prompt_length", str(MAX_PROMPT_LENGTH), "--lr", "1e-3",
-         "--warmup_steps", "0", "--out_dir", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    status, log = train_py("--model", TINY, "--dataset", data, "--eval_pairs", EVAL_PAIRS, "--batch_size", 4,
+                           "--micro_batch_size", 2, "--max_steps", 2, "--save_interval", 1, "--max_length", MAX_LENGTH,
+                           "--max_prompt_length", MAX_PROMPT_LENGTH, "--lr", "1e-3", "--warmup_steps", 0,
+                           "--out_dir", out)
+    assert status == 0, log[-3000:]
     return {"data": str(data), "out": out, "checkpoints": [str(out / "step_000001"), str(out / "step_000002")]}
 
 

@@ -11,11 +11,14 @@ import pytest
 import torch
 
 from conftest import ROOT
-from data import load_splits, render, tokenize
+from data import render, tokenize
+from sources import load_splits
 from evaluate import load_checkpoint, sample, stop_ids
 from families import END_OF_TEXT, ENDOFTEXT, EOT_ID, IM_END, save_family
 from hub_layout import write_hh, write_tldr, write_ultrafeedback
 from test_evaluate import draw_by_hand
+
+pytestmark = pytest.mark.slow  # runs train.py or other scripts: `make test` runs these, `make test-fast` not
 
 # family: (data set, extra flags, the ids a sample stops at, the id every training completion ends with)
 FAMILIES = {

@@ -6,8 +6,12 @@ import subprocess
 import sys
 import time
 
-from conftest import PAIRS, ROOT, TINY
+import pytest
+
+from conftest import PAIRS, ROOT, TINY, train_py
 from test_train import TINY_RUN, train
+
+pytestmark = pytest.mark.slow  # runs train.py or other scripts: `make test` runs these, `make test-fast` not
 
 
 def records(out_dir):
@@ -36,19 +40,16 @@ def test_sigterm_saves_at_a_step_boundary_and_resume_is_bit_exact(tmp_path):
 
 def test_nonfinite_loss_stops_with_step_rows_and_last_good_checkpoint(tmp_path):
     # lr 1e30: step 1 is finite but throws the weights to ~1e30, so step 2's forward overflows
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY_RUN, "--lr", "1e30",
-                             "--max_steps", "5", "--out_dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "error: non-finite step 2" in result.stderr and "pairs.jsonl:" in result.stderr
+    status, log = train_py(*TINY_RUN, "--lr", "1e30", "--max_steps", "5", "--out_dir", tmp_path)
+    assert status == 1 and "Traceback" not in log
+    assert "error: non-finite step 2" in log and "pairs.jsonl:" in log
     assert (tmp_path / "step_000001" / "state.pt").exists() and not (tmp_path / "step_000002").exists()
 
 
 def test_skip_nonfinite_counts_skipped_steps_and_gives_up_past_the_limit(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY_RUN, "--lr", "1e30",
-                             "--max_steps", "5", "--skip_nonfinite", "3", "--out_dir", str(tmp_path)],
-                            capture_output=True, text=True, cwd=ROOT)
-    log = result.stdout + result.stderr
-    assert result.returncode != 0
+    status, log = train_py(*TINY_RUN, "--lr", "1e30", "--max_steps", "5", "--skip_nonfinite", "3", "--out_dir",
+                           tmp_path)
+    assert status == 1
     assert log.count("warning: skipped step 2") == 3 and "(3 of at most 3" in log and "error: non-finite step 2" in log
 
 
@@ -89,6 +90,47 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
     assert (tmp_path / f"step_{stopped:06d}" / "state.pt").exists() and "identical on all 2 ranks" in log
 
 
+def test_ctrl_c_to_torchrun_saves_at_a_step_boundary_then_torchrun_exits_1(tmp_path):
+    """Ctrl-C in a terminal signals the foreground process group: torchrun, which forwards SIGINT to its workers (each
+    in a session of its own) and kills them --shutdown-timeout seconds later (default 30). The workers finish the
+    step, save and exit 0; torchrun itself ends with its SignalException traceback and status 1, as the README says."""
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             os.path.join(ROOT, "train.py"), *TINY_RUN, "--max_steps", "100000", "--out_dir",
+                             str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            start_new_session=True)  # its own process group, as a shell's foreground job
+    metrics = tmp_path / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1 and "SignalException" in log and "KeyboardInterrupt" not in log, log
+    stopped = records(tmp_path)[-1]["step"]
+    assert f"stopped by a signal after step {stopped}" in log and (tmp_path / f"step_{stopped:06d}" / "state.pt").exists()
+
+
+@pytest.mark.parametrize("under_torchrun, saving, second_ctrl_c_stops_at_once", [
+    (False, False, True), (False, True, False), (True, False, False)])
+def test_a_second_ctrl_c_stops_at_once_only_under_plain_python_and_never_mid_save(under_torchrun, saving,
+                                                                                  second_ctrl_c_stops_at_once):
+    from guards import StopSignals
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        signals = StopSignals(under_torchrun)
+        signals.handle(signal.SIGINT, None)
+        assert signals.requested
+        signals.saving = saving
+        try:
+            signals.handle(signal.SIGINT, None)  # under torchrun: the launcher's forwarded copy, or a second Ctrl-C
+            stopped = False
+        except KeyboardInterrupt:
+            stopped = True
+        assert stopped == second_ctrl_c_stops_at_once
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+
+
 def test_tokenizer_without_pad_token_or_chat_template_and_tied_embeddings_are_said_once(tmp_path):
     from transformers import AutoTokenizer
     from model import DEFAULT_MODEL, load_model, resolve
@@ -100,11 +142,10 @@ def test_tokenizer_without_pad_token_or_chat_template_and_tied_embeddings_are_sa
     (folder / "chat_template.jinja").unlink(missing_ok=True)
     flags = [f for f in TINY_RUN]
     flags[flags.index("--model") + 1] = str(folder)
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags, "--max_steps", "2",
-                             "--out_dir", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-2000:]
+    status, log = train_py(*flags, "--max_steps", "2", "--out_dir", tmp_path / "out")
+    assert status == 0, log[-2000:]
     for note in ("has no pad token", "has no chat template", "embeddings are tied"):
-        assert result.stdout.count(note) + result.stderr.count(note) == 1, note
+        assert log.count(note) == 1, note
 
 
 def test_bad_data_stops_train_py_with_file_and_line_and_no_traceback(tmp_path):
@@ -116,6 +157,5 @@ def test_bad_data_stops_train_py_with_file_and_line_and_no_traceback(tmp_path):
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "bad.jsonl:42: missing field(s) rejected" in result.stderr
-    ok = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags, "--skip_bad_rows", "--max_steps", "1",
-                         "--out_dir", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT)
-    assert ok.returncode == 0 and "skipped 1 bad row(s) of 42" in ok.stdout + ok.stderr
+    status, log = train_py(*flags, "--skip_bad_rows", "--max_steps", "1", "--out_dir", tmp_path / "o")
+    assert status == 0 and "skipped 1 bad row(s) of 42" in log

@@ -4,9 +4,9 @@ import os
 
 import pytest
 
-import gold
+from demo import gold
 
-DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo")
 
 
 def task(family, **fields):
@@ -196,13 +196,13 @@ def test_make_tasks_refuses_more_prompts_than_exist():
 def read_jsonl(name):
     path = os.path.join(DATA, name)
     if not os.path.exists(path):
-        pytest.skip(f"{path} not built (python make_demo_data.py)")
+        pytest.skip(f"{path} not built (python demo/make_data.py)")
     with open(path) as f:
         return [json.loads(line) for line in f]
 
 
 def test_shipped_pairs_have_a_clear_winner_and_distinct_texts():
-    for name in ["demo_train.jsonl", "demo_eval.jsonl"]:
+    for name in ["train.jsonl", "eval.jsonl"]:
         rows = read_jsonl(name)
         assert rows, name
         for row in rows:
@@ -213,21 +213,21 @@ def test_shipped_pairs_have_a_clear_winner_and_distinct_texts():
 
 
 def test_shipped_scores_match_the_gold_judge():
-    tasks = {t["prompt"]: t for t in read_jsonl("demo_prompts_eval.jsonl")}
-    for row in read_jsonl("demo_eval.jsonl"):
+    tasks = {t["prompt"]: t for t in read_jsonl("prompts_eval.jsonl")}
+    for row in read_jsonl("eval.jsonl"):
         assert gold.score(tasks[row["prompt"]], row["chosen"]) == row["score_chosen"], row
         assert gold.score(tasks[row["prompt"]], row["rejected"]) == row["score_rejected"], row
 
 
 def test_shipped_train_and_eval_prompts_are_disjoint():
-    train = {row["prompt"] for row in read_jsonl("demo_train.jsonl")}
-    evaluation = {row["prompt"] for row in read_jsonl("demo_eval.jsonl")}
-    held_out = {t["prompt"] for t in read_jsonl("demo_prompts_eval.jsonl")}
+    train = {row["prompt"] for row in read_jsonl("train.jsonl")}
+    evaluation = {row["prompt"] for row in read_jsonl("eval.jsonl")}
+    held_out = {t["prompt"] for t in read_jsonl("prompts_eval.jsonl")}
     assert evaluation <= held_out
     assert not train & held_out
 
 
 def test_shipped_ids_are_unique():
-    for name in ["demo_train.jsonl", "demo_eval.jsonl", "demo_prompts_eval.jsonl"]:
+    for name in ["train.jsonl", "eval.jsonl", "prompts_eval.jsonl"]:
         ids = [row["id"] for row in read_jsonl(name)]
         assert len(ids) == len(set(ids)), name

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from conftest import ROOT, TINY
-from data import DataError, load_splits, tokenize
+from data import tokenize
+from sources import DataError, load_splits
 from families import tokenizer_of
 from hub_layout import HH, hh, write_hh, write_tldr, write_ultrafeedback
 
@@ -201,6 +202,7 @@ def test_an_offline_copy_without_a_test_split_or_a_missing_folder_is_an_error_na
         load_splits("demo", 2, data_dir=folder, **quiet)
 
 
+@pytest.mark.slow  # a script run as a subprocess
 def test_without_the_hub_the_error_says_how_to_use_an_offline_copy():
     result = subprocess.run([sys.executable, "data.py", "ultrafeedback", "--model", TINY], capture_output=True,
                             text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})

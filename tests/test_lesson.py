@@ -9,6 +9,8 @@ import pytest
 
 from conftest import ROOT, TINY
 
+pytestmark = pytest.mark.slow  # runs train.py or other scripts: `make test` runs these, `make test-fast` not
+
 LESSON = open(os.path.join(ROOT, "LESSON.md")).read()
 COMMANDS = re.findall(r"```bash\n(.*?)```", LESSON, re.S)  # one per part, in order
 

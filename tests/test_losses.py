@@ -56,6 +56,18 @@ def test_dpo_loss_matches_float64_closed_form(beta):
         expect(rejected_rewards[i].item(), beta * (pr[i].item() - rr[i].item()), f"{case}: rejected reward")
 
 
+@pytest.mark.parametrize("eps", [0.1, 0.3])
+def test_dpo_loss_with_label_smoothing_is_conservative_dpo(eps):
+    """cDPO (Mitchell 2023): the expected DPO loss when each label is flipped with probability eps."""
+    pc, pr, rc, rr = random_logps(seed=7)
+    losses, _, _ = returned(dpo_loss(pc, pr, rc, rr, 0.1, label_smoothing=eps), DPO, 16)
+    for i in range(len(pc)):
+        h = (pc[i].item() - rc[i].item()) - (pr[i].item() - rr[i].item())
+        expect(losses[i].item(), (1 - eps) * math.log(1 + math.exp(-0.1 * h)) + eps * math.log(1 + math.exp(0.1 * h)),
+               f"dpo_loss with label_smoothing {eps}, pair {i} (h = {h:.4f}): loss -(1 - eps) log sigmoid(beta h) "
+               f"- eps log sigmoid(-beta h)")
+
+
 def test_dpo_loss_is_log2_and_rewards_zero_when_policy_equals_reference():
     pc, pr, _, _ = random_logps()
     losses, chosen_rewards, rejected_rewards = returned(dpo_loss(pc, pr, pc.clone(), pr.clone(), beta=0.1), DPO, 16)
@@ -118,8 +130,8 @@ def test_kto_loss_matches_float64_closed_form(kl_shift):
     p, r, pkl, rkl = random_logps(8, seed=2)
     pkl = rkl + kl_shift + 0.1 * torch.randn(8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     desirable = torch.tensor([True, False] * 4)
-    losses, rewards = returned(kto_loss(p, r, desirable, (pkl - rkl).mean(), beta=0.1, lambda_d=1.0, lambda_u=1.5),
-                               KTO, 8)
+    losses, rewards = returned(kto_loss(p, r, desirable, (pkl - rkl).mean(), beta=0.1, kto_lambda_d=1.0,
+                                        kto_lambda_u=1.5), KTO, 8)
     expected, z = kto_reference(p.tolist(), r.tolist(), desirable.tolist(), pkl.tolist(), rkl.tolist(), 0.1, 1.0, 1.5)
     for i in range(8):
         kind = "desirable" if desirable[i] else "undesirable"
@@ -141,8 +153,8 @@ def test_kto_reference_point_is_detached():
 def test_kto_loss_is_half_lambda_when_policy_equals_reference():
     p, _, kl_logps, _ = random_logps(6, seed=5)
     desirable = torch.tensor([True, True, True, False, False, False])
-    losses, rewards = returned(kto_loss(p, p.clone(), desirable, (kl_logps - kl_logps).mean(), beta=0.1, lambda_d=2.0,
-                                        lambda_u=1.0), KTO, 6)
+    losses, rewards = returned(kto_loss(p, p.clone(), desirable, (kl_logps - kl_logps).mean(), beta=0.1,
+                                        kto_lambda_d=2.0, kto_lambda_u=1.0), KTO, 6)
     for i, want in enumerate([1.0, 1.0, 1.0, 0.5, 0.5, 0.5]):  # lambda (1 - sigmoid(0)) = lambda / 2
         expect(losses[i].item(), want, f"kto_loss when policy == reference and z = 0, example {i} "
                                        f"(lambda {'D = 2' if i < 3 else 'U = 1'}): loss lambda / 2", abs_=1e-15)

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from conftest import PAIRS, TINY
-from data import collate, load_rows, tokenize
+from data import collate, tokenize
+from sources import load_rows
 from model import load_model, sequence_logps
 
 

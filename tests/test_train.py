@@ -8,7 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PAIRS, ROOT, TINY
+from conftest import PAIRS, ROOT, TINY, train_py
+
+pytestmark = pytest.mark.slow  # runs train.py or other scripts: `make test` runs these, `make test-fast` not
 
 TINY_RUN = ["--model", TINY, "--dataset", PAIRS, "--eval_pairs", "8", "--batch_size", "4", "--micro_batch_size", "2",
             "--log_interval", "1", "--eval_interval", "2", "--max_length", "64", "--max_prompt_length", "48",
@@ -16,13 +18,17 @@ TINY_RUN = ["--model", TINY, "--dataset", PAIRS, "--eval_pairs", "8", "--batch_s
 
 
 def train(out_dir, *flags, nproc=1):
-    torchrun = nproc > 1 or "--fsdp" in flags
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if torchrun else [sys.executable]
-    result = subprocess.run(launcher + [os.path.join(ROOT, "train.py"), *TINY_RUN, "--out_dir", str(out_dir), *flags],
-                            capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))], result.stdout + result.stderr
+    """(metrics records, log) of a successful train.py run on the tiny model: under torchrun for several processes
+    or --fsdp, else in this process (conftest.train_py)."""
+    if nproc > 1 or "--fsdp" in flags:
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 f"--nproc_per_node={nproc}", os.path.join(ROOT, "train.py"), *TINY_RUN, "--out_dir",
+                                 str(out_dir), *flags], capture_output=True, text=True, cwd=ROOT, timeout=600)
+        status, log = result.returncode, result.stdout + result.stderr
+    else:
+        status, log = train_py(*TINY_RUN, "--out_dir", out_dir, *flags)
+    assert status == 0, log[-6000:]
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))], log
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +65,13 @@ def test_every_method_trains_a_few_steps(method, tmp_path):
     if method != "sft":
         assert records[0]["loss"] == pytest.approx({"dpo": 0.693147, "ipo": (1 / 0.2) ** 2, "kto": 0.5}[
             method.removeprefix("tr_")], rel=1e-4)  # step 1: policy == reference
+
+
+def test_a_losss_own_flag_reaches_the_loss(tmp_path):
+    """--label_smoothing 0.5 (a label as likely flipped as not): at step 1, where policy == reference (h = 0), the
+    cDPO gradient -(1 - eps) beta sigmoid(-beta h) + eps beta sigmoid(beta h) is exactly 0."""
+    records, _ = train(tmp_path, "--method", "dpo", "--label_smoothing", "0.5", "--max_steps", "1")
+    assert records[0]["loss"] == pytest.approx(0.693147, rel=1e-5) and records[0]["grad_norm"] == 0
 
 
 def test_resume_continues_with_moved_reference(tmp_path, shared):
@@ -111,10 +124,11 @@ def test_a_ddp_run_resumed_on_one_process_continues_as_one_process_would(tmp_pat
     (["--beta", "0"], "must be positive"),
     (["--batch_size", "6", "--micro_batch_size", "4"], "must be a multiple"),
     (["--method", "orpo"], "invalid choice"),
+    (["--method", "tr_ipo", "--label_smoothing", "0.1"], "--label_smoothing is an option of --method dpo and tr_dpo"),
 ])
 def test_bad_flags_are_refused_before_any_model_loads(flags, message):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags], capture_output=True, text=True)
-    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+    status, log = train_py(*flags)
+    assert status == 2 and message in log and "Traceback" not in log and "note:" not in log  # nothing loaded
 
 
 def test_fsdp2_run_resumed_on_another_number_of_processes_matches_one_plain_process(tmp_path, shared):
@@ -203,35 +217,37 @@ def test_learning_rates_are_exactly_those_of_transformers_schedules(schedule, tm
 
 def test_a_fresh_run_refuses_a_folder_that_holds_a_run_and_overwrite_replaces_it(tmp_path):
     train(tmp_path, "--method", "dpo", "--max_steps", "2")
-    again = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY_RUN, "--method", "dpo",
-                            "--max_steps", "2", "--out_dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
-    assert again.returncode != 0 and "Traceback" not in again.stderr
-    assert f"error: {tmp_path} already holds a run" in again.stderr and "--resume" in again.stderr
-    records, _ = train(tmp_path, "--method", "dpo", "--max_steps", "1", "--overwrite")
+    status, log = train_py(*TINY_RUN, "--method", "dpo", "--max_steps", "2", "--out_dir", tmp_path)
+    assert status == 1 and "Traceback" not in log
+    assert f"error: {tmp_path} already holds a run" in log and "--resume" in log
+    (tmp_path / "curves.png").write_bytes(b"the old run's curves")  # what plot.py wrote for the old run
+    (tmp_path / "wandb").mkdir()
+    records, _ = train(tmp_path, "--method", "dpo", "--max_steps", "1", "--overwrite", "--eval_pairs", "4")
     assert [r["step"] for r in records] == [1]  # the old metrics and checkpoints are gone
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000001"]
+    assert not (tmp_path / "curves.png").exists() and not (tmp_path / "wandb").exists()
+    assert json.load(open(tmp_path / "args.json"))["eval_pairs"] == 4  # the new run's, and so is memory.json:
+    assert list(json.load(open(tmp_path / "memory.json"))["ranks"][0]) == ["after building the models",
+                                                                            "after the first backward",
+                                                                            "after the first step"]
 
 
 def test_resume_refuses_a_checkpoint_of_another_run_and_names_the_difference(tmp_path):
     train(tmp_path, "--method", "dpo", "--max_steps", "1")
-    other = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY_RUN, "--method", "tr_dpo",
-                            "--tau", "2", "--batch_size", "8", "--max_steps", "2", "--resume", "--out_dir",
-                            str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
-    assert other.returncode != 0 and "Traceback" not in other.stderr
+    status, log = train_py(*TINY_RUN, "--method", "tr_dpo", "--tau", "2", "--batch_size", "8", "--max_steps", "2",
+                           "--resume", "--out_dir", tmp_path)
+    assert status == 1 and "Traceback" not in log
     for difference in ("--method 'dpo' in the checkpoint, 'tr_dpo' now", "--batch_size 4 in the checkpoint, 8 now",
                        "--tau None in the checkpoint, 2 now"):
-        assert difference in other.stderr
+        assert difference in log
 
 
 def test_the_skipped_step_count_survives_a_resume(tmp_path):
     # lr 1e30: step 1 is finite but throws the weights to ~1e30, so every later step overflows
     flags = ["--lr", "1e30", "--max_steps", "3"]
-    first = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY_RUN, *flags, "--skip_nonfinite",
-                            "1", "--out_dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
-    assert "(1 of at most 1" in first.stdout + first.stderr and (tmp_path / "step_000001").exists()
-    resumed = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY_RUN, *flags, "--skip_nonfinite",
-                              "2", "--resume", "--out_dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
-    log = resumed.stdout + resumed.stderr
+    _, log = train_py(*TINY_RUN, *flags, "--skip_nonfinite", "1", "--out_dir", tmp_path)
+    assert "(1 of at most 1" in log and (tmp_path / "step_000001").exists()
+    _, log = train_py(*TINY_RUN, *flags, "--skip_nonfinite", "2", "--resume", "--out_dir", tmp_path)
     assert "(2 of at most 2" in log and "(1 of at most 2" not in log  # the run had skipped 1 step already
 
 
@@ -252,3 +268,70 @@ def test_plot_draws_several_runs_with_the_reference_updates_marked(tmp_path, sha
     assert reference_updates(read_run(hard)[0], 4) == [2, 4]
     assert reference_updates(read_run(dpo)[0], 4) == []
     assert reference_updates({"method": "tr_ipo", "alpha": 0.6, "tau": 1}, 4) == []  # every step: said in the legend
+
+
+def float64_mean_logps(model, example, completion):
+    """log pi(y|x) / |y| for one pair's completion, token by token in float64, the row alone."""
+    ids = torch.tensor([example["prompt"].tolist() + completion.tolist()])
+    with torch.no_grad():
+        logits = model(ids).logits[0].double()
+    start = len(example["prompt"])
+    return sum(torch.log_softmax(logits[start + t - 1], -1)[tok].item() for t, tok in enumerate(completion.tolist())
+               ) / len(completion)
+
+
+def test_with_ipo_average_held_out_margins_are_on_training_scale_per_token_means(tmp_path, chat_tokenizer):
+    from data import tokenize
+    from sources import load_splits
+    from model import load_model
+    records, _ = train(tmp_path, "--method", "ipo", "--ipo_average", "--max_steps", "1", "--eval_interval", "1")
+    policy = load_model(str(tmp_path / "step_000001" / "policy")).double()
+    sft = load_model(TINY).double()  # the reference of vanilla IPO: the SFT model, never moved
+    held = tokenize(load_splits(PAIRS, 8, log=lambda m: None)[1], chat_tokenizer, 64, 48, log=lambda m: None)
+    margins = [(float64_mean_logps(policy, e, e["chosen"]) - float64_mean_logps(sft, e, e["chosen"])) -
+               (float64_mean_logps(policy, e, e["rejected"]) - float64_mean_logps(sft, e, e["rejected"])) for e in held]
+    # fp32 differences of per-token means ~5 nats apart agree to ~1e-3 relative; summed log-probs would be 2-4 times
+    # these margins (the answers are 2-4 tokens long)
+    assert records[-1]["eval/rewards/margins"] == pytest.approx(0.1 * sum(margins) / len(margins), rel=1e-2)
+
+
+def wandb_records(out_dir):
+    """The records of an offline W&B run, read from its .wandb file (a LevelDB-style log of protobuf records)."""
+    import glob
+    import struct
+    from wandb.proto import wandb_internal_pb2
+    data = open(glob.glob(f"{out_dir}/wandb/offline-run-*/run-*.wandb")[0], "rb").read()
+    position, records, pending = 7, [], b""  # after the header ":W&B", 2 magic bytes and a version byte
+    while position + 7 <= len(data):
+        left = 32768 - position % 32768  # records never straddle a 7-byte header across 32 KiB blocks
+        crc, length, kind = struct.unpack("<IHB", data[position: position + 7]) if left >= 7 else (0, 0, 0)
+        if length == 0 and kind == 0:
+            position += left
+            continue
+        pending += data[position + 7: position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def test_wandb_gets_the_run_name_its_arguments_and_every_logged_record(tmp_path):
+    out = tmp_path / "tr_run"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY_RUN, "--max_steps", "2",
+                             "--wandb", "trdpo-tests", "--out_dir", str(out)], capture_output=True, text=True,
+                            cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = wandb_records(out)
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert (run.display_name, run.project, config["method"], config["max_steps"]) == ("tr_run", "trdpo-tests",
+                                                                                      "tr_dpo", 2)
+    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item} for r in records
+               if r.WhichOneof("record_type") == "history"]
+    logged = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [(h["step"], h["loss"], h["rewards/margins"]) for h in history] == \
+        [(r["step"], r["loss"], r["rewards/margins"]) for r in logged]

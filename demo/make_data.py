@@ -1,24 +1,27 @@
 """Build the shipped offline preference data: sample completions from the default model, judge them with gold.py,
 and pair a higher-scoring sample (chosen) with a lower-scoring one (rejected) of the same prompt.
 
-Writes, under --out_dir:
-  demo_train.jsonl         pairs from the training prompts
-  demo_eval.jsonl          pairs from disjoint held-out prompts
-  demo_prompts_eval.jsonl  the held-out tasks themselves (for sampling + gold-judging a trained policy)
+Writes, under --out_dir (default: this folder):
+  train.jsonl         pairs from the training prompts
+  eval.jsonl          pairs from disjoint held-out prompts
+  prompts_eval.jsonl  the held-out tasks themselves (for sampling + gold-judging a trained policy)
 Each pair line: {"id", "family", "prompt", "chosen", "rejected", "score_chosen", "score_rejected"}.
-The shipped files come from the defaults (`python make_demo_data.py`): 5800 samples, ~23 min on 2 CPU cores.
+The shipped files come from the defaults (`python demo/make_data.py`): 5800 samples, ~23 min on 2 CPU cores.
 """
 import argparse
 import collections
 import json
 import os
+import sys
 import time
 
 import torch
 from tqdm import tqdm
 
 import gold
-import model
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # the repository root, for model.py
+import model  # noqa: E402
 
 
 def sample(policy, tokenizer, prompts, k, max_new_tokens, batch_size):
@@ -76,7 +79,7 @@ if __name__ == "__main__":
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=model.DEFAULT_MODEL)
-    parser.add_argument("--out_dir", default="data")
+    parser.add_argument("--out_dir", default=HERE)
     args = parser.parse_args()
 
     torch.set_num_threads(2)
@@ -93,7 +96,7 @@ if __name__ == "__main__":
         completions = sample(policy, tokenizer, [t["prompt"] for t in split], args.samples_per_prompt,
                              args.max_new_tokens, args.batch_size)
         pairs = [p for task, c in zip(split, completions) for p in make_pairs(task, c, args.max_pairs_per_prompt)]
-        write_jsonl(os.path.join(args.out_dir, f"demo_{name}.jsonl"), pairs)
+        write_jsonl(os.path.join(args.out_dir, f"{name}.jsonl"), pairs)
         report(name, pairs, len(split))
-    write_jsonl(os.path.join(args.out_dir, "demo_prompts_eval.jsonl"), splits["eval"])
+    write_jsonl(os.path.join(args.out_dir, "prompts_eval.jsonl"), splits["eval"])
     print(f"sampled {len(tasks) * args.samples_per_prompt} completions in {time.time() - start:.0f}s")
