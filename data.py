@@ -307,8 +307,12 @@ def tokenize(rows, tokenizer, max_length, max_prompt_length, log=print, cache_di
     counts = {"prompt turns dropped": sum(column("turns_dropped")), "prompt text cut": sum(column("text_cut")),
               "completion cut": sum(column("completion_cut")),
               **{s: status.count(s) for s in ("dropped (same tokens)", "dropped (prompt cannot fit)", REFUSED)}}
+    end = turn_end(tokenizer).token  # said where it differs from the EOS (Llama-3: <|eot_id|>, not <|end_of_text|>)
+    ending = "" if end == tokenizer.eos_token_id else (f"; completions end with the chat template's end of turn "
+                                                       f"{tokenizer.convert_ids_to_tokens(end)!r}, not with its EOS "
+                                                       f"{tokenizer.eos_token!r}, and samples stop at it")
     log(f"tokenized {len(examples)} of {len(rows)} pairs (max_length {max_length}) in {time.time() - start:.1f} s "
-        f"({how}): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        f"({how}): " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ending)
     if not examples:
         raise DataError("no pairs left after tokenization; see the counts above (a prompt cannot fit when "
                         "--max_prompt_length leaves no room beside the chat template's own tokens; a template that "
@@ -457,7 +461,7 @@ def inspect(args):
 if __name__ == "__main__":
     from guards import report_user_errors
     report_user_errors()
-    from model import DEFAULT_MODEL
+    from locate import DEFAULT_MODEL
     parser = argparse.ArgumentParser(description="Inspect a preference dataset: counts, lengths, cuts, one example.")
     parser.add_argument("dataset", help="demo | hh | tldr | ultrafeedback | PATH.jsonl")
     parser.add_argument("--split", default="train", choices=["train", "test"])

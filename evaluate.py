@@ -35,7 +35,9 @@ from tqdm import tqdm
 
 from data import collate, pad, render, render_prompts, shorten, to_device, tokenize, turn_end
 from guards import UserError, report_user_errors
-from model import load_model, load_tokenizer, locate, reading, sequence_logps
+from locate import locate, reading
+from model import load_model, load_tokenizer, sequence_logps
+from ref_update import Rule
 from sources import held_out, load_splits
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -163,7 +165,7 @@ def win_rate(outcomes):
 
 
 def load_checkpoint(path, dtype=torch.float32, flag="checkpoint"):
-    """A train.py checkpoint folder (step_N, whose policy/ is the model), or anything --model accepts (model.locate)."""
+    """A train.py checkpoint folder (step_N, whose policy/ is the model), or anything --model accepts (locate.locate)."""
     return load_model(path, dtype=dtype, flag=flag), load_tokenizer(path, log=lambda m: None, flag=flag)
 
 
@@ -171,7 +173,7 @@ def stop_ids(tokenizer, model):
     """The tokens that end a sample: the one every training completion ends with (the chat template's end of turn, or
     EOS: data.turn_end), and every EOS id of the tokenizer and of the model's generation config. Id 0 is an id like
     any other (Pythia's EOS is 0)."""
-    _, _, end = turn_end(tokenizer)
+    end = turn_end(tokenizer).token
     configured = getattr(model.generation_config, "eos_token_id", None)
     ids = {end, tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
     return {i for i in ids if i is not None}
@@ -434,8 +436,8 @@ def plot(results, path, quality):
         runs.setdefault(r["run"], []).append(r)
     for run, points in sorted(runs.items()):
         points.sort(key=lambda r: r["step"])
-        label = f"{run} ({points[0]['method']}" + (f", alpha={points[0]['alpha']}, tau={points[0]['tau']}"
-                                                    if points[0]["method"].startswith("tr_") else "") + ")"
+        rule = Rule.of_run(points[0])  # the run's rule, said as plot.py says it
+        label = f"{run} ({points[0]['method']}{f', {rule.label}' if rule else ''})"
         ax.plot([r["kl_seq"] for r in points], [r[quality] for r in points], "o-", label=label)
     ax.set_xlabel("KL(pi || pi_SFT), nats per sequence (policy samples)")
     ax.set_ylabel({"gold_score": "gold score of samples", "win_rate": "win rate vs baseline"}[quality])

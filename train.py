@@ -27,10 +27,11 @@ import fsdp
 import guards
 import memory
 from data import Batches, collate, fingerprint, held_out_batches, to_device, tokenize
-from sources import DataError, load_splits, skips_bad_rows
 from losses import METHODS
-from model import DEFAULT_MODEL, load_model, load_tokenizer, sequence_logps
+from locate import DEFAULT_MODEL, locate
+from model import load_model, load_tokenizer, sequence_logps
 from ref_update import Rule, update_reference
+from sources import DataError, load_splits, skips_bad_rows
 
 # ----------------------------------------------------------------------------------------------------------------
 # arguments: the defaults run the built-in demo; the README gives the paper's settings
@@ -121,6 +122,7 @@ if distributed:
 use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
 autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # weights stay fp32 (the master copy)
 torch.manual_seed(args.seed)  # a config-built model's random init; nothing else draws random numbers
+locate(args.model)  # a model that cannot be found stops here, before --overwrite deletes anything
 resume_from = checkpoint.prepare_out_dir(out_dir, args.resume, args.overwrite, master)  # one run per folder
 state = checkpoint.read_progress(resume_from) if resume_from else None  # memory-mapped, loaded below
 

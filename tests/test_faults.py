@@ -133,7 +133,8 @@ def test_a_second_ctrl_c_stops_at_once_only_under_plain_python_and_never_mid_sav
 
 def test_tokenizer_without_pad_token_or_chat_template_and_tied_embeddings_are_said_once(tmp_path):
     from transformers import AutoTokenizer
-    from model import DEFAULT_MODEL, load_model, resolve
+    from locate import DEFAULT_MODEL, resolve
+    from model import load_model
     folder = tmp_path / "model"
     load_model(TINY).save_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(resolve(DEFAULT_MODEL))

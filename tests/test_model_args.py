@@ -1,4 +1,4 @@
-"""model.locate: one place turns a model argument into a model, or into one sentence that says what it was taken for
+"""locate.locate: one place turns a model argument into a model, or into one sentence that says what it was taken for
 and what to do. Hub cases run against a closed port or a local fake hub: never the network, never its retries."""
 import os
 import socket
@@ -12,10 +12,11 @@ import pytest
 import torch
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-import model
+import locate as locate_module
 from conftest import TINY
 from guards import UserError
-from model import DEFAULT_MODEL, kind_of, load_model, load_tokenizer, locate
+from locate import DEFAULT_MODEL, kind_of, locate
+from model import load_model, load_tokenizer
 
 
 @pytest.mark.parametrize("name, kind", [
@@ -100,7 +101,7 @@ def write_tiny_gguf(path, hidden=16, ff=32, heads=2, seed=0):
 
 
 def test_any_gguf_file_is_dequantized_once_into_a_cache_keyed_by_the_file(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(model, "CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(locate_module, "CACHE", str(tmp_path / "cache"))
     path = tmp_path / "anywhere" / "tiny.gguf"
     path.parent.mkdir()
     embedding = write_tiny_gguf(path)

@@ -232,6 +232,13 @@ def test_a_fresh_run_refuses_a_folder_that_holds_a_run_and_overwrite_replaces_it
                                                                             "after the first step"]
 
 
+def test_a_model_that_cannot_be_found_stops_the_run_before_overwrite_deletes_anything(tmp_path):
+    (tmp_path / "args.json").write_text("{}")  # a run that is there
+    status, log = train_py(*TINY_RUN, "--model", "/no/such/dir", "--overwrite", "--out_dir", tmp_path)
+    assert status == 1 and "--model /no/such/dir: no such file or folder" in log
+    assert (tmp_path / "args.json").exists()
+
+
 def test_resume_refuses_a_checkpoint_of_another_run_and_names_the_difference(tmp_path):
     train(tmp_path, "--method", "dpo", "--max_steps", "1")
     status, log = train_py(*TINY_RUN, "--method", "tr_dpo", "--tau", "2", "--batch_size", "8", "--max_steps", "2",

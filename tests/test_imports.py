@@ -1,0 +1,27 @@
+"""The files' dependencies run one way: no file imports another that imports it back, directly or through others,
+so each file imports alone and a reader can start from the leaves (model.py, losses.py)."""
+import ast
+import os
+
+from conftest import ROOT
+
+
+def project_imports(path, modules):
+    """The project modules a file imports, at its top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        found |= {n.split(".")[0] for n in names} & modules
+    return found
+
+
+def test_no_file_imports_one_that_imports_it_back():
+    modules = {f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")}
+    graph = {m: project_imports(os.path.join(ROOT, f"{m}.py"), modules) - {m} for m in modules}
+
+    def reaches(start, target, seen=()):
+        return any(n == target or (n not in seen and reaches(n, target, (*seen, n))) for n in graph[start])
+    circles = sorted(m for m in modules if reaches(m, m))
+    assert not circles, {m: sorted(graph[m]) for m in circles}
+    assert graph["model"] <= {"guards", "locate"} and graph["losses"] == set(), "no data or training in model.py"
