@@ -146,7 +146,9 @@ def read_progress(folder):
     """state.pt, memory-mapped: its tensors stay in the file's pages (the page cache, one copy per node however many
     ranks read it) until each is copied where it belongs, one at a time. A plain torch.load would put the whole
     optimizer state and reference in every rank's own memory at once (~44 GB per rank for Pythia-2.8B)."""
-    return torch.load(os.path.join(folder, "state.pt"), map_location="cpu", mmap=True, weights_only=False)
+    state = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", mmap=True, weights_only=False)
+    state.setdefault("run", state.get("args", {}))  # older checkpoints kept the arguments under "args"
+    return state
 
 
 def load(folder, policy, reference, optimizer, fsdp, state):
@@ -170,4 +172,4 @@ def load(folder, policy, reference, optimizer, fsdp, state):
         optimizer.load_state_dict(state.pop("optimizer"))  # copied to the parameters' device and dtype
         if moving:
             reference.load_state_dict(state.pop("reference"))  # the reference the run had, not the SFT model
-    return state["step"], state["ref_updates"], state["skipped_steps"]
+    return state["step"], state.get("ref_updates", 0), state.get("skipped_steps", 0)

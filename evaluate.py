@@ -33,6 +33,7 @@ import urllib.request
 import torch
 from tqdm import tqdm
 
+import checkpoint
 from data import collate, pad, render, render_prompts, shorten, to_device, tokenize, turn_end
 from guards import UserError, report_user_errors
 from locate import locate, reading
@@ -250,11 +251,9 @@ def run_args(path):
         folder = os.path.dirname(folder)
     if not os.path.isdir(os.path.join(folder, "policy")):
         return None
-    state = os.path.join(folder, "state.pt")
-    if os.path.exists(state):
-        saved = torch.load(state, map_location="cpu", weights_only=False, mmap=True)
-        if saved.get("run", saved.get("args")):  # ("args": checkpoints before 2026-11-29)
-            return saved.get("run", saved.get("args"))
+    run = checkpoint.read_progress(folder)["run"] if os.path.exists(os.path.join(folder, "state.pt")) else None
+    if run:
+        return run
     args_file = os.path.join(os.path.dirname(folder), "args.json")
     return json.load(open(args_file)) if os.path.exists(args_file) else None
 
