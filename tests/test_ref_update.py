@@ -158,7 +158,11 @@ def test_update_reference_unwraps_ddp_and_needs_no_communication(tmp_path, monke
                         "so each rank mixes its own reference with no communication", pytrace=False)
         for name in ("all_reduce", "all_gather", "broadcast", "reduce", "all_gather_into_tensor", "barrier"):
             monkeypatch.setattr(dist, name, refuse)
-        update_reference(reference, wrapped, 0.3)
+        try:
+            update_reference(reference, wrapped, 0.3)
+        except Exception as e:  # e.g. a KeyError: DDP's state_dict() names every tensor module.NAME
+            pytest.fail(f"update_reference with the policy wrapped in DDP raised {type(e).__name__}: {e}; the model "
+                        f"is policy.module (its parameters() are the model's, in the same order)", pytrace=False)
         monkeypatch.undo()
         for (name, got), p, r in zip(reference.named_parameters(), policy.parameters(), two_models()[1].parameters()):
             same(got.double(), 0.3 * p.double() + 0.7 * r.double(),
