@@ -23,7 +23,8 @@ maximum likelihood on the same N_SFT sequences; --sweep runs widths 2, 4, 8 x se
 
 Training is deterministic on one machine. A run that swings far (most TR runs of the network) amplifies the last bit
 of a float64 sum over its 1000 steps, and PyTorch picks its vector kernels by CPU: on another CPU such a run can end
-elsewhere (RESULTS.md measures how far); vanilla runs and runs that end on one sequence print the same everywhere.
+elsewhere (RESULTS.md measures how far; in the setting it checks, the vanilla runs and the runs that end on one
+sequence did not move).
 """
 import argparse
 import copy
