@@ -134,11 +134,11 @@ def quality_vs_kl(results, out):
         base = runs.pop("baseline", [])
         for i, (run, points) in enumerate(sorted(runs.items())):
             points.sort(key=lambda r: r["step"])
-            rule = Rule.of_run(points[0])
+            name = label(run, points[0])  # a row holds its run's method, alpha and tau, as args.json does
             points = base + points  # every run starts at the baseline: KL 0, win rate 1/2
             ax.errorbar([r["kl_seq"] for r in points], [r["win_rate"] for r in points],
                         yerr=[r.get("win_rate_se") or 0 for r in points], fmt="o-", color=f"C{i}", capsize=3,
-                        markersize=4, label=f"{run} ({points[-1]['method']}{f', {rule.label}' if rule else ''})")
+                        markersize=4, label=name)
             for r in points[len(base):]:
                 ax.annotate(str(r["step"]), (r["kl_seq"], r["win_rate"]), fontsize=6, xytext=(3, -9),
                             textcoords="offset points")
