@@ -1,7 +1,8 @@
 """Each loss against an independent float64 computation written out with Python's math module.
 
-Also the grader of LESSON.md's exercises: rewrite a loss in losses.py, then `pytest tests/test_losses.py`; each
-failure names the case, what was expected and what came out.
+Also the grader of LESSON.md's exercises: rewrite a loss in losses.py, then `pytest tests/test_losses.py -k dpo`
+(or ipo, or kto): every test of a loss has the loss's name in its own, so that one word selects all of them. Each
+failure names the case, the formula, what was expected and what came out.
 """
 import math
 
@@ -89,12 +90,40 @@ def test_dpo_gradient_is_minus_beta_sigmoid_of_minus_beta_h():
                f"dpo_loss, pair {i} (h = {h:.4f}): dL/d(log pi(y_w)) = -beta sigmoid(-beta h)")
 
 
-def test_rewards_are_detached():
+def rewards_are_detached(function, rewards, names):
+    """The implicit rewards are logged, never trained on: no gradient may flow through them."""
+    attached = [name for name, r in zip(names, rewards) if r.requires_grad]
+    if attached:
+        pytest.fail(f"{function}: {' and '.join(attached)} carry a gradient (requires_grad is True), but the rewards "
+                    f"are logged, never trained on: return beta * (log pi - log ref).detach()", pytrace=False)
+
+
+def test_dpo_rewards_are_detached():
     pc, pr, rc, rr = random_logps(4)
     pc.requires_grad_(True)
+    pr.requires_grad_(True)
     _, chosen_rewards, rejected_rewards = returned(dpo_loss(pc, pr, rc, rr, 0.1), DPO, 4)
-    assert not chosen_rewards.requires_grad and not rejected_rewards.requires_grad, \
-        "dpo_loss: the rewards are logged, never trained on: .detach() them"
+    rewards_are_detached("dpo_loss", [chosen_rewards, rejected_rewards], DPO[2:])
+
+
+def test_dpo_loss_is_exact_at_large_margins_in_float32():
+    """beta h = -200: sigmoid(-200) = 1.4e-87 is 0 in float32, so -log(sigmoid(beta h)) is inf; log sigmoid is not."""
+    beta = 0.1
+    h = torch.tensor([-2000.0, -1000.0, 1000.0, 2000.0])  # beta h = -200, -100, 100, 200
+    for eps in (0.0, 0.2):
+        pc, zero = h.clone().requires_grad_(True), torch.zeros(4)
+        losses, _, _ = returned(dpo_loss(pc, zero, zero, zero, beta, label_smoothing=eps), DPO, 4)
+        losses.sum().backward()
+        for i, m in enumerate(h.tolist()):
+            case = (f"dpo_loss in float32 at a large margin, beta {beta}, label_smoothing {eps}, pair {i} (h = {m:g}, "
+                    f"beta h = {beta * m:g}, where sigmoid(-|beta h|) underflows to 0 in float32)")
+            # -log sigmoid(x) = log(1 + e^-x), written so that float64 neither overflows nor rounds it away
+            want = (1 - eps) * math.log1p(math.exp(-beta * m)) + eps * math.log1p(math.exp(beta * m))
+            expect(losses[i].item(), want, f"{case}: loss -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)",
+                   rel=1e-6)
+            expect(pc.grad[i].item(), -beta * ((1 - eps) * sigmoid(-beta * m) - eps * sigmoid(beta * m)),
+                   f"{case}: dL/d(log pi(y_w)) = -beta ((1 - eps) sigmoid(-beta h) - eps sigmoid(beta h))", rel=1e-6,
+                   abs_=1e-9)
 
 
 @pytest.mark.parametrize("beta", [0.01, 0.1, 1.0])
@@ -115,13 +144,22 @@ def test_ipo_loss_is_zero_exactly_at_the_target_margin():
     expect(losses.item(), 0.0, "ipo_loss at margin h = 1/(2 beta) = 2.5", abs_=1e-24)
 
 
+def test_ipo_rewards_are_detached():
+    pc, pr, rc, rr = random_logps(4, seed=8)
+    pc.requires_grad_(True)
+    pr.requires_grad_(True)
+    _, chosen_rewards, rejected_rewards = returned(ipo_loss(pc, pr, rc, rr, 0.1), IPO, 4)
+    rewards_are_detached("ipo_loss", [chosen_rewards, rejected_rewards], IPO[2:])
+
+
 def kto_reference(policy, ref, desirable, policy_kl, ref_kl, beta, lambda_d, lambda_u):
     """KTO written out per example in float64."""
     z = max(0.0, sum(a - b for a, b in zip(policy_kl, ref_kl)) / len(policy_kl))
     out = []
     for p, r, d in zip(policy, ref, desirable):
         reward = p - r
-        out.append(lambda_d * (1 - sigmoid(beta * (reward - z))) if d else lambda_u * (1 - sigmoid(beta * (z - reward))))
+        out.append(lambda_d * (1 - sigmoid(beta * (reward - z))) if d else
+                   lambda_u * (1 - sigmoid(beta * (z - reward))))
     return out, z
 
 
@@ -150,6 +188,14 @@ def test_kto_reference_point_is_detached():
     assert p.grad is not None and torch.all(p.grad != 0), "kto_loss: no gradient reaches the policy's log-probs"
 
 
+def test_kto_rewards_are_detached():
+    p, r, pkl, rkl = random_logps(4, seed=9)
+    p.requires_grad_(True)
+    desirable = torch.tensor([True, True, False, False])
+    _, rewards = returned(kto_loss(p, r, desirable, (pkl - rkl).mean(), beta=0.1), KTO, 4)
+    rewards_are_detached("kto_loss", [rewards], KTO[2:])
+
+
 def test_kto_loss_is_half_lambda_when_policy_equals_reference():
     p, _, kl_logps, _ = random_logps(6, seed=5)
     desirable = torch.tensor([True, True, True, False, False, False])
@@ -161,19 +207,22 @@ def test_kto_loss_is_half_lambda_when_policy_equals_reference():
         expect(rewards[i].item(), 0.0, f"kto_loss when policy == reference, example {i}: reward")
 
 
-def test_losses_are_pure_functions_that_never_communicate(tmp_path, monkeypatch):
+@pytest.mark.parametrize("function", ["dpo_loss", "ipo_loss", "kto_loss"])
+def test_loss_is_a_pure_function_that_never_communicates(function, tmp_path, monkeypatch):
     """Called on one rank of a process group, a loss must not wait for the others (it would hang)."""
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
         def refuse(*args, **kwargs):
-            raise AssertionError("a loss function called a collective: reduce in train.py, pass the result in")
+            pytest.fail(f"{function} called a collective (torch.distributed): a loss sees one rank's examples only; "
+                        f"train.py reduces over ranks and passes the result in", pytrace=False)
         for name in ("all_reduce", "all_gather", "broadcast", "reduce", "all_gather_into_tensor", "barrier"):
             monkeypatch.setattr(dist, name, refuse)
         p, r, pkl, rkl = random_logps(4, seed=6)
-        kto_loss(p, r, torch.tensor([True, True, False, False]), (pkl - rkl).mean(), beta=0.1)
-        dpo_loss(p, r, pkl, rkl, beta=0.1)
-        ipo_loss(p, r, pkl, rkl, beta=0.1)
+        if function == "kto_loss":
+            kto_loss(p, r, torch.tensor([True, True, False, False]), (pkl - rkl).mean(), beta=0.1)
+        else:
+            {"dpo_loss": dpo_loss, "ipo_loss": ipo_loss}[function](p, r, pkl, rkl, beta=0.1)
     finally:
         monkeypatch.undo()
         dist.destroy_process_group()

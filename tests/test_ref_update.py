@@ -1,7 +1,8 @@
 """The paper's update rule against float64 arithmetic, its schedule, and its precision.
 
 Also the grader of LESSON.md's exercises: rewrite update_reference or should_update in ref_update.py, then
-`pytest tests/test_ref_update.py`; each failure names the case, what was expected and what came out.
+`pytest tests/test_ref_update.py -k update_reference` (or `-k should_update`): every test of a function has the
+function's name in its own. Each failure names the case, the formula, what was expected and what came out.
 """
 import copy
 
@@ -21,6 +22,28 @@ def two_models(dtype=torch.float32, seed=0):
     return policy, reference
 
 
+class TiedLM(torch.nn.Module):
+    """A model whose input and output embeddings are one tensor, as SmolLM2's (tie_word_embeddings): state_dict()
+    names it twice (embed.weight, head.weight), parameters() yields it once."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 8)
+        self.hidden = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 16, bias=False)
+        self.head.weight = self.embed.weight  # tied: one Parameter under two names
+
+
+def tied_models(seed=0):
+    torch.manual_seed(seed)
+    policy = TiedLM()
+    reference = copy.deepcopy(policy)  # deepcopy keeps the tie: one tensor in the reference too
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p))
+    return policy, reference
+
+
 def same(got, want, case, exact=False):
     """Tensors equal (bit for bit if `exact`); a failure shows the first element that differs."""
     ok = torch.equal(got, want) if exact else torch.allclose(got, want, rtol=1e-6, atol=1e-7)
@@ -32,16 +55,17 @@ def same(got, want, case, exact=False):
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
-def test_update_matches_float64_mix(alpha):
+def test_update_reference_matches_float64_mix(alpha):
     policy, reference = two_models()
-    expected = [alpha * p.double() + (1 - alpha) * r.double() for p, r in zip(policy.parameters(), reference.parameters())]
+    expected = [alpha * p.double() + (1 - alpha) * r.double()
+                for p, r in zip(policy.parameters(), reference.parameters())]
     update_reference(reference, policy, alpha)
     for (name, got), want in zip(reference.named_parameters(), expected):
         same(got.double(), want, f"update_reference with alpha {alpha}: reference {name} should be "
                                  f"alpha * policy + (1 - alpha) * reference")
 
 
-def test_hard_update_copies_bitwise():
+def test_update_reference_hard_update_copies_bitwise():
     policy, reference = two_models()
     update_reference(reference, policy, 1.0)
     for (name, r), p in zip(reference.named_parameters(), policy.parameters()):
@@ -49,7 +73,7 @@ def test_hard_update_copies_bitwise():
              exact=True)
 
 
-def test_alpha_zero_leaves_reference_bitwise_unchanged():
+def test_update_reference_with_alpha_zero_leaves_reference_bitwise_unchanged():
     policy, reference = two_models()
     before = [r.clone() for r in reference.parameters()]
     update_reference(reference, policy, 0.0)
@@ -57,12 +81,27 @@ def test_alpha_zero_leaves_reference_bitwise_unchanged():
         same(r, b, f"update_reference with alpha 0: reference {name} must not move at all", exact=True)
 
 
-def test_update_does_not_touch_the_policy():
+def test_update_reference_does_not_touch_the_policy():
     policy, reference = two_models()
     before = [p.clone() for p in policy.parameters()]
     update_reference(reference, policy, 0.6)
     for (name, p), b in zip(policy.named_parameters(), before):
         same(p, b, f"update_reference must only change the reference; the policy's {name} changed", exact=True)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.3])
+def test_update_reference_mixes_a_tied_tensor_once(alpha):
+    policy, reference = tied_models()
+    assert reference.head.weight is reference.embed.weight, "the test's reference lost its tie"
+    expected = {name: alpha * p.double() + (1 - alpha) * r.double()
+                for (name, p), r in zip(policy.named_parameters(), reference.parameters())}
+    update_reference(reference, policy, alpha)
+    for name, got in reference.named_parameters():
+        same(got.double(), expected[name], f"update_reference with alpha {alpha} on a model whose input and output "
+                                           f"embeddings are one tied tensor (as SmolLM2's): reference {name} should "
+                                           f"be alpha * policy + (1 - alpha) * reference, mixed once (mixed twice, "
+                                           f"as a loop over state_dict() does, the policy's weight is "
+                                           f"1 - (1 - alpha)^2 = {1 - (1 - alpha) ** 2:g})")
 
 
 def test_should_update_every_tau_optimizer_steps_counted_from_one():
@@ -90,23 +129,45 @@ def soft_updates_100_times(reference_dtype):
     return moved, expected - 0.9921875
 
 
-def test_fp32_reference_does_not_stall_at_small_alpha():
+def test_update_reference_in_fp32_does_not_stall_at_small_alpha():
     moved, expected = soft_updates_100_times(torch.float32)  # what train.py does: the reference stays fp32
-    assert moved == pytest.approx(expected, rel=1e-4)
+    if abs(moved - expected) > 1e-4 * abs(expected):
+        pytest.fail(f"update_reference with alpha 0.01, 100 times, fp32 reference 2^-7 below a bf16 policy: the "
+                    f"reference should move by 2^-7 (1 - (1 - alpha)^100) (mix in the reference's fp32, after "
+                    f"upcasting the policy): expected {expected!r}, got {moved!r}", pytrace=False)
 
 
-def test_bf16_reference_would_stall_at_small_alpha():
+def test_update_reference_in_bf16_would_stall_at_small_alpha():
     moved, expected = soft_updates_100_times(torch.bfloat16)  # the bf16 lerp rounds every small step away
-    assert abs(moved - expected) > 0.5 * abs(expected)
+    if abs(moved - expected) <= 0.5 * abs(expected):
+        pytest.fail(f"update_reference with alpha 0.01, 100 times, bf16 reference 2^-7 below a bf16 policy: each "
+                    f"step, 0.01 x 2^-7, is far below half of bf16's spacing near 1 (2^-9), so the reference should "
+                    f"stall (this is why train.py keeps it in fp32): expected a move far from {expected!r}, got "
+                    f"{moved!r}", pytrace=False)
 
 
-def test_update_unwraps_ddp_and_needs_no_communication(tmp_path):
+def test_update_reference_unwraps_ddp_and_needs_no_communication(tmp_path, monkeypatch):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
         policy, reference = two_models()
-        wrapped = torch.nn.parallel.DistributedDataParallel(policy)
-        update_reference(reference, wrapped, 1.0)
-        assert all(torch.equal(r, p) for r, p in zip(reference.parameters(), policy.parameters()))
+        wrapped = torch.nn.parallel.DistributedDataParallel(policy)  # (built before collectives are refused)
+
+        def refuse(*args, **kwargs):
+            pytest.fail("update_reference called a collective (torch.distributed): the DDP replicas are identical, "
+                        "so each rank mixes its own reference with no communication", pytrace=False)
+        for name in ("all_reduce", "all_gather", "broadcast", "reduce", "all_gather_into_tensor", "barrier"):
+            monkeypatch.setattr(dist, name, refuse)
+        try:
+            update_reference(reference, wrapped, 0.3)
+        except Exception as e:  # e.g. a KeyError: DDP's state_dict() names every tensor module.NAME
+            pytest.fail(f"update_reference with the policy wrapped in DDP raised {type(e).__name__}: {e}; the model "
+                        f"is policy.module (its parameters() are the model's, in the same order)", pytrace=False)
+        monkeypatch.undo()
+        for (name, got), p, r in zip(reference.named_parameters(), policy.parameters(), two_models()[1].parameters()):
+            same(got.double(), 0.3 * p.double() + 0.7 * r.double(),
+                 f"update_reference with alpha 0.3 and the policy wrapped in DDP (its parameters under .module): "
+                 f"reference {name} should be alpha * policy + (1 - alpha) * reference")
     finally:
+        monkeypatch.undo()
         dist.destroy_process_group()
