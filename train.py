@@ -39,7 +39,7 @@ p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDes
 p.add_argument("--method", default="tr_dpo", choices=["sft", *METHODS, *(f"tr_{m}" for m in METHODS)])
 p.add_argument("--beta", type=float, default=0.1, help="KL strength of DPO/IPO/KTO (IPO's tau)")
 p.add_argument("--alpha", type=float, default=None, help="TR: the policy's weight in each reference update. Alone: "
-               "the paper's soft update, every step (tau 1). With --tau: that mix every tau steps (TRL's reading)")
+               "the soft update, read as every step (tau 1; the paper leaves it open). With --tau: that mix every tau steps (TRL)")
 p.add_argument("--tau", type=int, default=None, help="TR: update the reference every tau optimizer steps. Alone: the "
                "paper's hard update, a copy (alpha 1). Neither flag: --tau 16, sized for the demo (the paper: 512)")
 p.add_argument("--ipo_average", action="store_true", help="IPO on per-token mean log-probs (TRL) instead of sums")
@@ -94,7 +94,7 @@ if not args.method.startswith("tr_"):
 elif args.alpha is None and args.tau is None:
     rule = Rule(alpha=1.0, tau=16)  # a hard copy every 16 steps, sized for the demo (the paper's runs: 512)
 elif args.tau is None:
-    rule = Rule(alpha=args.alpha, tau=1)  # --alpha alone: the paper's soft update, every step
+    rule = Rule(alpha=args.alpha, tau=1)  # --alpha alone: the soft update, read as every step (the design card's)
 elif args.alpha is None:
     rule = Rule(alpha=1.0, tau=args.tau)  # --tau alone: the paper's hard update, a copy every tau steps
 else:
