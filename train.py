@@ -39,7 +39,8 @@ p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDes
 p.add_argument("--method", default="tr_dpo", choices=["sft", *METHODS, *(f"tr_{m}" for m in METHODS)])
 p.add_argument("--beta", type=float, default=0.1, help="KL strength of DPO/IPO/KTO (IPO's tau)")
 p.add_argument("--alpha", type=float, default=None, help="TR: the policy's weight in each reference update. Alone: "
-               "the soft update, read as every step (tau 1; the paper leaves it open). With --tau: that mix every tau steps (TRL)")
+               "the soft update, read as every step (tau 1; the paper leaves it open). With --tau: a mix every tau "
+               "steps (TRL's reading)")
 p.add_argument("--tau", type=int, default=None, help="TR: update the reference every tau optimizer steps. Alone: the "
                "paper's hard update, a copy (alpha 1). Neither flag: --tau 16, sized for the demo (the paper: 512)")
 p.add_argument("--ipo_average", action="store_true", help="IPO on per-token mean log-probs (TRL) instead of sums")
