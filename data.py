@@ -90,9 +90,9 @@ TurnEnd = collections.namedtuple("TurnEnd", "text ids token")
 
 def turn_end(tokenizer):
     """TurnEnd(text, ids, token): what a chat template writes after an assistant's answer, its ids, and the token a
-    completion ends with. With a template that is the special token written right after the answer (<|im_end|>, <|eot_id|>,
-    <end_of_turn>), found by rendering an answer, not by name; the whitespace after it belongs to the next turn. With
-    no template, or one that marks no end, EOS. Sampling (evaluate.py) stops at this token, so both agree."""
+    completion ends with. With a template that is the special token written right after the answer (<|im_end|>,
+    <|eot_id|>, <end_of_turn>), found by rendering an answer, not by name; the whitespace after it belongs to the next
+    turn. With no template, or one that marks no end, EOS. Sampling (evaluate.py) stops at this token: both agree."""
     if tokenizer.chat_template is None:
         return TurnEnd("", [], tokenizer.eos_token_id)
     try:

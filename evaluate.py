@@ -1,7 +1,8 @@
 """Measure what the paper claims: sample from checkpoints, judge against a baseline, and measure KL to the SFT model.
 
     python evaluate.py out/dpo/step_000040 out/tr_dpo/step_000040 --baseline smollm2-135m-instruct
-    python evaluate.py out/*/step_* --baseline out/sft/step_000100 --judge rm:OpenAssistant/reward-model-deberta-v3-large-v2
+    python evaluate.py out/*/step_* --baseline out/sft/step_000100 \
+        --judge rm:OpenAssistant/reward-model-deberta-v3-large-v2
     python evaluate.py CKPT --baseline SFT --prompts hh --judge llm:http://localhost:8000/v1 --judge_model gpt-4o
 
 For each checkpoint: the win rate of its samples against the baseline's samples on the same held-out prompts (the
@@ -166,7 +167,7 @@ def win_rate(outcomes):
 
 
 def load_checkpoint(path, dtype=torch.float32, flag="checkpoint"):
-    """A train.py checkpoint folder (step_N, whose policy/ is the model), or anything --model accepts (locate.locate)."""
+    """A train.py checkpoint folder (step_N, whose policy/ is the model), or anything --model accepts (locate.py)."""
     return load_model(path, dtype=dtype, flag=flag), load_tokenizer(path, log=lambda m: None, flag=flag)
 
 
