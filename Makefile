@@ -13,7 +13,8 @@ $(VENV)/ready: requirements.txt
 
 setup: $(VENV)/ready
 
-# the demo: 40 steps of TR-DPO (a hard copy every 16 steps) on the built-in set, 6 minutes on 2 CPU cores; again replaces it
+# the demo: 40 steps of TR-DPO (a hard copy every 16 steps) on the built-in set, 6-11 minutes on 2 CPU cores; again
+# replaces it
 demo: setup
 	$(PY) train.py --max_steps 40 --out_dir out/demo --overwrite
 

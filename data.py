@@ -11,20 +11,13 @@ import argparse
 import collections
 import hashlib
 import json
-import os
-import shutil
 import time
 
 import torch
 from jinja2 import TemplateError  # what a chat template's raise_exception raises (transformers)
 
+import token_cache
 from sources import DataError, load_rows, report
-
-# tokenized data sets are kept here, one folder per cache key (see cache_key)
-CACHE = os.environ.get("TRDPO_TOKENIZED", os.path.join(os.environ.get("TRDPO_CACHE", os.path.expanduser(
-    "~/.cache/trdpo")), "tokenized"))
-LARGE = 10_000  # rows from which tokenization runs in several processes (below, starting them costs more than it saves)
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # tokens: render the prompt once, then each completion as its continuation
@@ -65,23 +58,6 @@ def render(tokenizer, prompt, completion=None):
 
 def plain_separator(prompt):
     return "" if isinstance(prompt, str) else " "  # HH writes "Assistant: answer"; text prompts carry their own
-
-
-def render_prompts(tokenizer, prompts, log=print):
-    """(prompts, their ids) to sample from (evaluate.py): the prompts ready for an answer, less those the chat template
-    refuses, which are left out and counted."""
-    kept, ids, problems = [], [], []
-    for i, prompt in enumerate(prompts):
-        try:
-            ids.append(render(tokenizer, prompt))
-            kept.append(prompt)
-        except TemplateError as e:
-            problems.append((f"prompt {i} {json.dumps(prompt)[:48]}...", f"{REFUSED}: {e}"))
-    if problems:
-        log(f"skipped {report(problems, len(prompts), 5)}")
-    if not kept:
-        raise DataError(f"{tokenizer.name_or_path}: its chat template refuses every prompt; see the count above")
-    return kept, ids
 
 
 ANSWER = "Sure, here it is: 42."  # any answer: what follows it in a rendered turn is the template's end of turn
@@ -209,69 +185,6 @@ def encode_pair(row, tokenizer, ending, max_length, max_prompt_length):
         return {**NO_IDS, "status": REFUSED, "refusal": str(e)}
 
 
-def cache_key(rows, tokenizer, max_length, max_prompt_length):
-    """A hash of everything the token ids depend on: the rows, the tokenizer (vocabulary, merges, special tokens,
-    pre/post-processing), its chat template, the lengths, and this file (the tokenization code)."""
-    import tokenizers
-    import transformers
-    h = hashlib.sha256()
-    with open(os.path.abspath(__file__), "rb") as f:
-        h.update(f.read())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update((backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)).encode())
-    h.update(json.dumps([type(tokenizer).__name__, tokenizer.chat_template, tokenizer.bos_token_id,
-                         tokenizer.eos_token_id, max_length, max_prompt_length, transformers.__version__,
-                         tokenizers.__version__]).encode())
-    for r in rows:
-        h.update(json.dumps([r["prompt"], r["chosen"], r["rejected"]]).encode() + b"\n")
-    return h.hexdigest()[:32]
-
-
-def tokenized_table(rows, tokenizer, max_length, max_prompt_length, cache_dir, processes):
-    """(table of encode_pair's results, how it was obtained): read from the cache, or computed with `datasets` map (in
-    several processes for a large set) and written to the cache under a temporary name, then renamed."""
-    import datasets
-    path = os.path.join(cache_dir or CACHE, cache_key(rows, tokenizer, max_length, max_prompt_length))
-    if os.path.isdir(path):
-        return datasets.load_from_disk(path), f"read from the cache {path}"
-    processes = processes or (min(8, os.cpu_count() or 1) if len(rows) >= LARGE else 1)
-    bars_were_off = datasets.are_progress_bars_disabled()
-    if len(rows) < LARGE:  # a progress bar only where it is worth watching
-        datasets.disable_progress_bars()
-    ids = datasets.List(datasets.Value("int32"))
-    features = datasets.Features({"prompt_ids": ids, "chosen_ids": ids, "rejected_ids": ids, "status": datasets.Value(
-        "string"), "refusal": datasets.Value("string"),
-        **{k: datasets.Value("bool") for k in ("turns_dropped", "text_cut", "completion_cut")}})
-    table = datasets.Dataset.from_dict({"prompt": [json.dumps(r["prompt"]) for r in rows],  # text or messages
-                                        "chosen": [r["chosen"] for r in rows],
-                                        "rejected": [r["rejected"] for r in rows]})
-    table = table.map(encode_pair, fn_kwargs={"tokenizer": tokenizer, "ending": turn_end(tokenizer),
-                                              "max_length": max_length, "max_prompt_length": max_prompt_length},
-                      num_proc=processes if processes > 1 else None, remove_columns=["prompt", "chosen", "rejected"],
-                      features=features, new_fingerprint=os.path.basename(path), desc="tokenizing")
-    how = f"in {processes} process{'es' if processes > 1 else ''}"
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        table.save_to_disk(tmp)
-        if not os.path.isdir(path):  # another process may have finished the same first
-            os.rename(tmp, path)
-        how += f", cached in {path}"
-    except OSError as e:  # a read-only or full disk: go on without the cache
-        how += f", not cached ({e})"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if not bars_were_off:
-        datasets.enable_progress_bars()
-    return table, how
-
-
-def ragged(table, name):
-    """A column of int32 lists -> one tensor per row, views of one flat tensor read in one pass (not row by row)."""
-    import pyarrow.compute as pc
-    column = table.data.column(name).combine_chunks()
-    flat = torch.from_numpy(column.flatten().to_numpy(zero_copy_only=False).copy())
-    return torch.split(flat, pc.list_value_length(column).to_numpy().tolist())
-
-
 def refused(rows, table, tokenizer, skip_bad_rows, log):
     """Rows the chat template refused are bad rows: named with their place and the template's message, an error
     unless skip_bad_rows (see skips_bad_rows), else counted in the log."""
@@ -290,18 +203,21 @@ def tokenize(rows, tokenizer, max_length, max_prompt_length, log=print, cache_di
              skip_bad_rows=False):
     """Rows -> examples {"prompt", "chosen", "rejected": int32 tensors, "row": index}. Prints what it cut and dropped
     and the time it took. The result is kept on disk under cache_dir (default $TRDPO_TOKENIZED, or
-    ~/.cache/trdpo/tokenized), keyed by cache_key: a second run, and the other ranks under torchrun, read it back.
+    ~/.cache/trdpo/tokenized; token_cache.py): a second run, and the other ranks under torchrun, read it back.
     Rows the chat template refuses stop with their places, or with skip_bad_rows are left out and counted."""
     if not 0 < max_prompt_length < max_length:
         raise DataError(f"--max_prompt_length {max_prompt_length} must be between 0 and --max_length {max_length}")
     if not rows:
         return []
     start = time.time()
-    table, how = tokenized_table(rows, tokenizer, max_length, max_prompt_length, cache_dir, processes)
+    key = token_cache.key(rows, tokenizer, max_length, max_prompt_length, code=__file__)  # what the ids depend on
+    table, how = token_cache.table(rows, encode_pair, {"tokenizer": tokenizer, "ending": turn_end(tokenizer),
+                                                       "max_length": max_length, "max_prompt_length": max_prompt_length},
+                                   key, cache_dir, processes)
     refused(rows, table, tokenizer, skip_bad_rows, log)
     column = lambda name: table.data.column(name).to_pylist()  # noqa: E731
     status = column("status")
-    prompts, chosen, rejected = (ragged(table, k) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+    prompts, chosen, rejected = (token_cache.ragged(table, k) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
     examples = [{"prompt": prompts[i], "chosen": chosen[i], "rejected": rejected[i], "row": i}
                 for i, s in enumerate(status) if s == "kept"]
     counts = {"prompt turns dropped": sum(column("turns_dropped")), "prompt text cut": sum(column("text_cut")),

@@ -32,15 +32,16 @@ import urllib.error
 import urllib.request
 
 import torch
+from jinja2 import TemplateError  # what a chat template's raise_exception raises
 from tqdm import tqdm
 
 import checkpoint
-from data import collate, pad, render, render_prompts, shorten, to_device, tokenize, turn_end
+from data import REFUSED, collate, pad, render, shorten, to_device, tokenize, turn_end
 from guards import UserError, report_user_errors
 from locate import locate, reading
 from model import load_model, load_tokenizer, sequence_logps
 from ref_update import Rule
-from sources import held_out, load_splits
+from sources import DataError, held_out, load_splits, report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -365,6 +366,23 @@ def prompts_to_sample(prompts_set, test_rows, train_rows, log):
         log(f"note: {len(unique) - len(prompts)} held-out prompt(s) also appear in training rows (with other answers): "
             "left out")
     return prompts, None
+
+
+def render_prompts(tokenizer, prompts, log=print):
+    """(prompts, their ids) to sample from: the prompts ready for an answer, less those the chat template refuses,
+    which are left out and counted."""
+    kept, ids, problems = [], [], []
+    for i, prompt in enumerate(prompts):
+        try:
+            ids.append(render(tokenizer, prompt))
+            kept.append(prompt)
+        except TemplateError as e:
+            problems.append((f"prompt {i} {json.dumps(prompt)[:48]}...", f"{REFUSED}: {e}"))
+    if problems:
+        log(f"skipped {report(problems, len(prompts), 5)}")
+    if not kept:
+        raise DataError(f"{tokenizer.name_or_path}: its chat template refuses every prompt; see the count above")
+    return kept, ids
 
 
 def fit_prompts(tokenizer, prompts, max_length, max_prompt_length, max_new_tokens):

@@ -12,7 +12,8 @@ import pytest
 
 import data
 from conftest import PAIRS, ROOT, TINY, train_py
-from data import render_prompts, tokenize, turn_end
+from data import tokenize, turn_end
+from evaluate import render_prompts
 from sources import DataError, load_rows, skips_bad_rows
 from test_train import TINY_RUN
 
