@@ -117,9 +117,11 @@ def check_replicas(models, log):
 
 
 def finish():
-    """End a torchrun worker. A gloo worker thread can still be releasing the last collective's tensors, which takes
-    the GIL; once Python is shutting down that aborts the process ("terminate called without an active exception",
-    1 run in 20 here). All is saved and closed by now, so leave without the interpreter's shutdown."""
+    """End the run: exit 0. A torchrun worker leaves without the interpreter's shutdown: a gloo worker thread can still
+    be releasing the last collective's tensors, which takes the GIL; once Python is shutting down that aborts the
+    process ("terminate called without an active exception", 1 run in 20 here). All is saved and closed by now."""
+    if not dist.is_initialized():
+        sys.exit(0)
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -13,7 +13,6 @@ import copy
 import json
 import math
 import os
-import sys
 import time
 from datetime import timedelta
 
@@ -157,7 +156,7 @@ if state:  # a resume continues the same run, on the same pairs, or stops here, 
     checkpoint.check_resume(state, run, vars(p.parse_args([])), data_sha256, resume_from)
     if state["step"] >= max_steps:
         log(f"{out_dir} is complete: step {state['step']} of {max_steps}; nothing to do")
-        guards.finish() if distributed else sys.exit(0)
+        guards.finish()
 if rule and not rule.moves(max_steps):  # say it now, not after hours of training
     why = "alpha is 0" if rule.alpha == 0 else f"{max_steps} steps < tau {rule.tau}"
     log(f"warning: the reference will never move ({why}): this run is vanilla {method.upper()}, not "
@@ -420,5 +419,4 @@ if step == max_steps:  # what happened, and what to do next
     log(f"next: python plot.py {out_dir}   (the curves, with the reference updates marked)\n"
         f"      python evaluate.py {out_dir}/step_* --baseline {args.model}   (samples: win rate, KL to SFT)")
 metrics.close()
-if distributed:
-    guards.finish()
+guards.finish()
