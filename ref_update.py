@@ -52,6 +52,17 @@ class Rule:
     tau: int  # the period, in optimizer steps
 
     @staticmethod
+    def of_flags(alpha, tau):
+        """The rule train.py's --alpha and --tau ask for (None where a flag is not given)."""
+        if alpha is None and tau is None:
+            return Rule(alpha=1.0, tau=16)  # a hard copy every 16 steps, sized for the demo (the paper's runs: 512)
+        if tau is None:
+            return Rule(alpha=alpha, tau=1)  # --alpha alone: the soft update, read as every step (the design card's)
+        if alpha is None:
+            return Rule(alpha=1.0, tau=tau)  # --tau alone: the paper's hard update, a copy every tau steps
+        return Rule(alpha=alpha, tau=tau)  # both: TRL's reading, a mix every tau steps
+
+    @staticmethod
     def of_run(run):
         """The rule a run trained with (its args.json: alpha and tau as in force), or None for a vanilla method."""
         return Rule(run["alpha"], run["tau"]) if run["method"].startswith("tr_") else None

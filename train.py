@@ -87,18 +87,10 @@ guards.report_user_errors()  # bad data, models or checkpoints: one sentence on 
 # the method, parsed once: its loss (losses.METHODS), and the reference rule (ref_update.Rule), or None if it is fixed
 method = args.method.removeprefix("tr_")
 loss_fn, pairing, own_flags = METHODS.get(method, (None, None, {}))
-if not args.method.startswith("tr_"):
-    if args.alpha is not None or args.tau is not None:
-        p.error(f"--alpha/--tau move the reference, which only the TR methods do; use --method tr_{method}")
-    rule = None  # the reference never moves
-elif args.alpha is None and args.tau is None:
-    rule = Rule(alpha=1.0, tau=16)  # a hard copy every 16 steps, sized for the demo (the paper's runs: 512)
-elif args.tau is None:
-    rule = Rule(alpha=args.alpha, tau=1)  # --alpha alone: the soft update, read as every step (the design card's)
-elif args.alpha is None:
-    rule = Rule(alpha=1.0, tau=args.tau)  # --tau alone: the paper's hard update, a copy every tau steps
-else:
-    rule = Rule(alpha=args.alpha, tau=args.tau)  # both: TRL's reading, a mix every tau steps
+rule = Rule.of_flags(args.alpha, args.tau) if args.method.startswith("tr_") else None  # None: it never moves
+if not rule and (args.alpha is not None or args.tau is not None):
+    tr = ", ".join(f"tr_{m}" for m in METHODS)
+    p.error(f"--alpha/--tau move the reference, which only the TR methods do ({tr}), not --method {args.method}")
 guards.check_flags(p, args, method, rule)  # values no run can use: refused now, before anything loads
 out_dir = args.out_dir or os.path.join("out", f"{args.method}-{os.path.basename(args.dataset).removesuffix('.jsonl')}")
 

@@ -119,6 +119,7 @@ def test_a_ddp_run_resumed_on_one_process_continues_as_one_process_would(tmp_pat
 
 @pytest.mark.parametrize("flags, message", [
     (["--method", "dpo", "--tau", "4"], "only the TR methods"),
+    (["--method", "sft", "--alpha", "0.5"], "only the TR methods do (tr_dpo, tr_ipo, tr_kto), not --method sft"),
     (["--method", "tr_dpo", "--alpha", "1.5"], "must lie in [0, 1]"),
     (["--method", "tr_dpo", "--tau", "0"], "must be at least 1"),
     (["--beta", "0"], "must be positive"),
