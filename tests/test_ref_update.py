@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from ref_update import Rule, should_update, update_reference
+from ref_update import should_update, update_reference
 
 
 def two_models(dtype=torch.float32, seed=0):
@@ -172,13 +172,3 @@ def test_update_reference_unwraps_ddp_and_needs_no_communication(tmp_path, monke
         monkeypatch.undo()
         dist.destroy_process_group()
 
-
-@pytest.mark.parametrize("alpha, tau, rule", [
-    (0.6, None, Rule(alpha=0.6, tau=1)),  # --alpha alone: the soft update, every step
-    (None, 512, Rule(alpha=1.0, tau=512)),  # --tau alone: the paper's hard update, a copy
-    (0.6, 512, Rule(alpha=0.6, tau=512)),  # both: TRL's reading, a mix every tau steps
-    (None, None, Rule(alpha=1.0, tau=16)),  # neither: a copy every 16 steps, sized for the demo
-])
-def test_rule_of_flags_reads_alpha_and_tau_as_the_readme_says(alpha, tau, rule):
-    got = Rule.of_flags(alpha, tau)
-    assert got == rule, f"--alpha {alpha} --tau {tau}: expected {rule!r}, got {got!r}"

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import PAIRS, ROOT, TINY, train_py
+from ref_update import Rule
 
 pytestmark = pytest.mark.slow  # runs train.py or other scripts: `make test` runs these, `make test-fast` not
 
@@ -172,6 +173,17 @@ def test_alpha_alone_is_the_soft_update_every_step_and_tau_alone_the_hard_copy(f
     assert rule in log and [r["ref_updates"] for r in records] == updates
     run = json.load(open(out / "args.json"))  # the rule in force, for plot.py and evaluate.py
     assert (run["alpha"], run["tau"]) == (alpha, tau)
+
+
+@pytest.mark.parametrize("alpha, tau, rule", [
+    (0.6, None, Rule(alpha=0.6, tau=1)),  # --alpha alone: the soft update, every step
+    (None, 512, Rule(alpha=1.0, tau=512)),  # --tau alone: the paper's hard update, a copy
+    (0.6, 512, Rule(alpha=0.6, tau=512)),  # both: TRL's reading, a mix every tau steps
+    (None, None, Rule(alpha=1.0, tau=16)),  # neither: a copy every 16 steps, sized for the demo
+])
+def test_rule_of_flags_reads_alpha_and_tau_as_the_readme_says(alpha, tau, rule):  # the readings, without a run
+    got = Rule.of_flags(alpha, tau)
+    assert got == rule, f"--alpha {alpha} --tau {tau}: expected {rule!r}, got {got!r}"
 
 
 VANILLA_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
