@@ -17,7 +17,7 @@ import torch
 from jinja2 import TemplateError  # what a chat template's raise_exception raises (transformers)
 
 import token_cache
-from sources import DataError, load_rows, report
+from sources import DataError, load_rows, prompt_groups, report
 
 # ----------------------------------------------------------------------------------------------------------------
 # tokens: render the prompt once, then each completion as its continuation
@@ -351,6 +351,10 @@ def inspect(args):
     tokenizer = load_tokenizer(args.model)  # first: a --model that cannot be read stops before the rows load
     rows = load_rows(args.dataset, args.split, skip_bad_rows=True, data_dir=args.data_dir)  # every problem at once
     examples = tokenize(rows, tokenizer, args.max_length, args.max_prompt_length, skip_bad_rows=True)
+    per_prompt = [len(g) for g in prompt_groups(rows)]
+    split = "--eval_pairs holds out whole prompts" if args.dataset.endswith(".jsonl") else "held out: the test split"
+    print(f"{len(rows)} pairs of {len(per_prompt)} prompts ({len(rows) / len(per_prompt):.2f} pairs per prompt, "
+          f"at most {max(per_prompt)}; {split})")
     for name in ("prompt", "chosen", "rejected"):
         lengths = torch.tensor([len(e[name]) for e in examples], dtype=torch.float)
         q = torch.quantile(lengths, torch.tensor([0.5, 0.9, 0.99])).tolist()

@@ -263,20 +263,36 @@ def held_out(name, n, seed=0, skip_bad_rows=False, log=print, data_dir=None):
     return rows
 
 
+def prompt_groups(rows):
+    """The rows' indices grouped by prompt, in the order of each prompt's first row: the pairs of one prompt (several
+    samples of a policy, UltraFeedback's "all pairs", a ranking, duplicates) are held out, or trained on, together."""
+    groups = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(json.dumps(row["prompt"]), []).append(i)
+    return list(groups.values())
+
+
 def load_splits(name, eval_pairs, seed=0, skip_bad_rows=False, log=print, data_dir=None):
     """(training rows, held-out rows). demo and the hub sets: the train split, and eval_pairs pairs drawn at random
-    from the test split (held_out). A JSONL file has no test split: eval_pairs of its rows, drawn at random, are held
-    out and the others train. eval_pairs = 0 holds out nothing."""
+    from the test split (held_out). A JSONL file has no test split: whole prompts, drawn at random, are held out with
+    all their pairs until eval_pairs rows are (one pair per prompt: eval_pairs rows), and the others train, so that no
+    held-out prompt is trained on. eval_pairs = 0 holds out nothing."""
     if eval_pairs < 0:
         raise DataError(f"--eval_pairs {eval_pairs} must be 0 (no held-out pairs) or more")
     rows = load_rows(name, "train", skip_bad_rows, log, data_dir)
     if not name.endswith(".jsonl"):
         return rows, held_out(name, eval_pairs, seed, skip_bad_rows, log, data_dir)
-    if eval_pairs >= len(rows):
-        raise DataError(f"--eval_pairs {eval_pairs} would hold out all {len(rows)} pairs of {name}, leaving none to "
-                        "train on; lower it (0 holds out nothing)")
-    held = shuffled(len(rows), seed)[:eval_pairs]
+    groups, held, prompts = prompt_groups(rows), [], 0
+    for g in shuffled(len(groups), seed):  # one pair per prompt: the rows drawn as if drawn one by one
+        if len(held) >= eval_pairs:
+            break
+        held, prompts = held + groups[g], prompts + 1
+    if len(held) == len(rows):
+        raise DataError(f"--eval_pairs {eval_pairs} would hold out all {len(rows)} pairs of {name} ({len(groups)} "
+                        "prompt(s), each held out with all its pairs), leaving none to train on; lower it (0 holds out "
+                        "nothing)")
     if held:
-        log(f"held out {eval_pairs} of the {len(rows)} pairs of {name}, drawn at random (seed {seed})")
+        log(f"held out {len(held)} of the {len(rows)} pairs of {name}: {prompts} of its {len(groups)} prompts with all "
+            f"their pairs, drawn at random (seed {seed})")
     kept = set(range(len(rows))) - set(held)
     return [r for i, r in enumerate(rows) if i in kept], [rows[i] for i in held]

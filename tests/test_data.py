@@ -1,5 +1,6 @@
 """Pair-consistent tokenization and truncation, the dataset conversions, batches and their masks."""
 import copy
+import json
 import subprocess
 import sys
 
@@ -290,6 +291,38 @@ def test_eval_pairs_0_holds_out_nothing_and_keeps_every_row_for_training():
         load_splits(PAIRS, 41, **quiet)
 
 
+def rows_per_prompt(path, pairs_per_prompt, prompts=40):
+    """A JSONL file with several pairs per prompt (samples of a policy, all pairs of a ranking), one prompt's rows not
+    next to each other."""
+    rows = [{"prompt": f"What is {p} + {p}?", "chosen": str(2 * p), "rejected": str(2 * p + k + 1)}
+            for k in range(pairs_per_prompt) for p in range(prompts)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("pairs_per_prompt", [2, 3, 4])
+def test_a_jsonl_file_holds_out_whole_prompts_so_no_held_out_prompt_is_trained_on(pairs_per_prompt, tmp_path):
+    messages = []
+    train, held = load_splits(rows_per_prompt(tmp_path / "pairs.jsonl", pairs_per_prompt), 8, log=messages.append)
+    assert not {r["prompt"] for r in held} & {r["prompt"] for r in train}
+    whole = -(-8 // pairs_per_prompt)  # prompts held out, each with all its pairs, until 8 rows are
+    assert len({r["prompt"] for r in held}) == whole and len(held) == whole * pairs_per_prompt
+    assert len(train) + len(held) == 40 * pairs_per_prompt
+    assert f"held out {len(held)} of the {40 * pairs_per_prompt} pairs" in messages[-1]
+    assert f"{whole} of its 40 prompts" in messages[-1]
+
+
+def test_with_one_pair_per_prompt_the_held_out_rows_are_a_plain_seeded_draw_of_rows():
+    rows = load_rows(PAIRS)  # 41 prompts, one pair each: the split that runs made before prompts were grouped
+    drawn = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:8].tolist()
+    assert [r["where"] for r in load_splits(PAIRS, 8, **quiet)[1]] == [rows[i]["where"] for i in drawn]
+
+
+def test_a_prompt_whose_pairs_are_all_the_rows_cannot_be_held_out(tmp_path):
+    with pytest.raises(DataError, match=r"would hold out all 4 pairs of .* \(1 prompt\(s\), each held out with all"):
+        load_splits(rows_per_prompt(tmp_path / "one.jsonl", 4, prompts=1), 1, **quiet)
+
+
 BAD_LINES = [
     (b'{"prompt": "a", "chosen": "b", "rejected": "c"}', None),
     (b'{not json', "not valid JSON"),
@@ -451,6 +484,7 @@ def test_inspector_lists_every_bad_row_and_the_padding(tmp_path):
     assert out.returncode == 0, log
     assert "bad.jsonl:42: missing field(s) rejected" in log and "bad.jsonl:43: not valid JSON" in log
     assert "tokenized 41 of 41 pairs" in log and "with --group_by_length (global batch 8)" in log
+    assert "41 pairs of 41 prompts (1.00 pairs per prompt, at most 1; --eval_pairs holds out whole prompts)" in log
 
 
 @pytest.mark.slow  # a script run as a subprocess
