@@ -1,6 +1,6 @@
 """Measure what the paper claims: sample from checkpoints, judge against a baseline, and measure KL to the SFT model.
 
-    python evaluate.py out/dpo/step_000040 out/tr_dpo/step_000040 --baseline smollm2-135m-instruct
+    python evaluate.py out/dpo/step_000040 out/tr_dpo/step_000040          # baseline: the runs' --model
     python evaluate.py out/*/step_* --baseline out/sft/step_000100 \
         --judge rm:OpenAssistant/reward-model-deberta-v3-large-v2
     python evaluate.py CKPT --baseline SFT --prompts hh --judge llm:http://localhost:8000/v1 --judge_model gpt-4o
@@ -15,12 +15,14 @@ Writes a table to stdout, one JSON per checkpoint, scored_rows.json (what was sc
 (one line per run): the paper's over-optimization plot.
 
 Held out means never trained on. A checkpoint's run (its state.pt, or out/RUN/args.json) says what it trained on:
-of a JSONL file, every row but --eval_pairs of them, so exactly those rows are scored (split as train.py splits the
-file); of demo and the hub sets, the train split, so rows are drawn from the test split. Checkpoints of runs that
-hold out different rows are refused, and so is a baseline from a run on the same file with another split. A plain
-model has no run: a JSONL --prompts file is then drawn from whole. Prompts are cut as training cuts them, with the
-runs' --max_length and --max_prompt_length (a plain model: 512 and 256), and the pairs are tokenized with them.
-"""
+of a JSONL file, all but the prompts it held out, so exactly those rows are scored (split as train.py splits the
+file, and checked against the checkpoint's data hash: a file changed since is refused); of demo and the hub sets,
+the train split, so rows are drawn from the test split. Checkpoints of runs that hold out different rows are refused,
+and so is a baseline from a run on the same file with another split. A plain model has no run: a JSONL --prompts
+file is then drawn from whole. Prompts are cut as training cuts them, with the runs' --max_length and
+--max_prompt_length (a plain model: 512 and 256), and the pairs are tokenized with them. The baseline is the model the
+runs started from (their --model); runs are named by the shortest ending of their paths that tells them apart; an
+--out_dir holding an earlier call's files is refused unless --overwrite."""
 import argparse
 import filecmp
 import json
@@ -36,12 +38,12 @@ from jinja2 import TemplateError  # what a chat template's raise_exception raise
 from tqdm import tqdm
 
 import checkpoint
-from data import REFUSED, collate, pad, render, shorten, to_device, tokenize, turn_end
+from data import REFUSED, collate, fingerprint, pad, render, shorten, to_device, tokenize, turn_end
 from guards import UserError, report_user_errors
 from locate import locate, reading
 from model import load_model, load_tokenizer, sequence_logps
 from ref_update import Rule
-from sources import DataError, held_out, load_splits, report
+from sources import DataError, held_out, load_splits, report, skips_bad_rows
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -246,25 +248,36 @@ def kl_estimate(policy_logps, sft_logps, lengths):
 
 def run_args(path):
     """The arguments of the train.py run a checkpoint comes from: its state.pt's "run" (the arguments in force when it
-    was saved), else the run's args.json; None for a plain model. state.pt is memory-mapped: its tensors (the
-    reference, the optimizer) are not read."""
+    was saved) and its data hash, else the run's args.json; None for a plain model. state.pt is memory-mapped: its
+    tensors (the reference, the optimizer) are not read."""
     folder = os.path.normpath(path)
     if os.path.basename(folder) == "policy":  # out/RUN/step_N/policy: the checkpoint's model folder
         folder = os.path.dirname(folder)
     if not os.path.isdir(os.path.join(folder, "policy")):
         return None
-    run = checkpoint.read_progress(folder)["run"] if os.path.exists(os.path.join(folder, "state.pt")) else None
-    if run:
-        return run
+    state = checkpoint.read_progress(folder) if os.path.exists(os.path.join(folder, "state.pt")) else {}
+    if state.get("run"):
+        return {**state["run"], "data_sha256": state.get("data_sha256")}  # the hash of the pairs it trained on
     args_file = os.path.join(os.path.dirname(folder), "args.json")
     return json.load(open(args_file)) if os.path.exists(args_file) else None
 
 
-def describe(path, run):
+def run_names(runs):
+    """{checkpoint: its run's name}, the shortest ending of the run's path (out/RUN of out/RUN/step_N; a plain model is
+    its own run) that no other run's shares: out/seed0/dpo and out/seed1/dpo are seed0/dpo and seed1/dpo, not dpo."""
+    folders = {path: os.path.normpath(path).removesuffix(os.sep + "policy") for path in runs}
+    parts = {path: (os.path.dirname(f) if runs[path] else f).split(os.sep) for path, f in folders.items()}
+    names = {}
+    for path, mine in parts.items():
+        others = [p for p in parts.values() if p != mine]
+        k = next((k for k in range(1, len(mine)) if all(p[-k:] != mine[-k:] for p in others)), len(mine))
+        names[path] = "/".join(mine[-k:])
+    return names
+
+
+def describe(path, name, run):
     """Run name, method, alpha, tau, beta and step of a checkpoint; a plain model is its own run, method "base"."""
-    folder = os.path.normpath(path).removesuffix(os.sep + "policy")
-    match = re.search(r"step_(\d+)", folder)
-    name = os.path.basename(os.path.dirname(folder) if run else folder)
+    match = re.search(r"step_(\d+)", os.path.normpath(path).removesuffix(os.sep + "policy"))
     run = run or {}
     return {"run": name, "method": run.get("method", "base"), "alpha": run.get("alpha"), "tau": run.get("tau"),
             "beta": run.get("beta"), "step": int(match.group(1)) if match else 0}
@@ -312,6 +325,62 @@ def runs_data(paths, baseline, args):
     return data
 
 
+def located(name, flag):
+    """What a model argument reads, to tell two arguments for one model: out/sft/step_N and its policy/ alike."""
+    source = locate(name, flag)
+    return source.path if source.kind == "hub" else os.path.realpath(source.path)
+
+
+def starting_model(runs, baseline):
+    """The --baseline: by default the model the checkpoints' runs started from (their --model); another one is refused,
+    for KL to SFT and the win rate are against the model the runs started from."""
+    starts = {run["model"] for run in runs.values() if run}
+    if baseline is None and len(starts) != 1:
+        raise UserError("pass --baseline, the model the checkpoints started from: " + (
+            f"their runs started from different models ({', '.join(sorted(starts))})" if starts else
+            "no checkpoint comes from a train.py run"))
+    if baseline is None:
+        return starts.pop()
+    if len(starts) == 1 and located(baseline, "--baseline") != located(start := starts.pop(), "the runs' --model"):
+        raise UserError(f"--baseline {baseline} is not the model the checkpoints' runs started from ({start}, their "
+                        "--model): KL to SFT and the win rate would be against another model. Leave --baseline out "
+                        "(it defaults to that model)")
+    return baseline
+
+
+def check_data_hash(runs, train_rows, held, dataset):
+    """Each run trained and evaluated on the pairs its file splits into now: the data hash its checkpoint holds
+    (data.fingerprint of the pairs' token ids) is computed again with the run's tokenizer and lengths. A file changed
+    since the run, or a run that split it otherwise, is refused: its held-out rows cannot be told."""
+    hashes = {}
+    for path, run in runs.items():
+        if not run or not run.get("data_sha256"):
+            continue
+        key = (run["model"], run["max_length"], run["max_prompt_length"])
+        if key not in hashes:
+            tokenizer = load_tokenizer(path, log=lambda m: None, flag="checkpoint")
+            skip = skips_bad_rows(dataset, run.get("skip_bad_rows"))
+            pairs = [tokenize(rows, tokenizer, *key[1:], log=lambda m: None, skip_bad_rows=skip)
+                     for rows in (train_rows, held)]
+            hashes[key] = fingerprint(pairs[0] + pairs[1])
+        if hashes[key] != run["data_sha256"]:
+            raise UserError(f"{path} trained on other pairs than {dataset} splits into now (its data hash differs): "
+                            "the file changed since, or the run split it another way (by row, before whole prompts "
+                            "were held out). Its held-out rows cannot be told: evaluate it with the file as the run "
+                            "read it, or on another data set (--prompts)")
+
+
+def earlier_outputs(out_dir, overwrite):
+    """The files of an earlier call in --out_dir: refused unless --overwrite (main removes them when it writes its own,
+    after every check), so that one folder never mixes two calls' results."""
+    earlier = sorted(f for f in os.listdir(out_dir) if re.fullmatch(
+        r"results\.json|scored_rows\.json|quality_vs_kl\.png|.+_step_\d+\.json", f)) if os.path.isdir(out_dir) else []
+    if earlier and not overwrite:
+        raise UserError(f"--out_dir {out_dir} holds an earlier evaluation ({', '.join(earlier[:3])}"
+                        f"{', ...' if len(earlier) > 3 else ''}): pass another --out_dir, or --overwrite to replace it")
+    return earlier
+
+
 def same_data(prompts, dataset):
     """--prompts names the runs' data set: the same name, or a JSONL file with the same contents."""
     if prompts == dataset:
@@ -321,10 +390,11 @@ def same_data(prompts, dataset):
             and filecmp.cmp(*files, shallow=False))
 
 
-def rows_to_score(prompts, data, args, log):
+def rows_to_score(prompts, data, runs, args, log):
     """(rows to score, training rows): max(--n_prompts, --n_pairs) rows the runs never trained on. Of the runs' JSONL
     file, its held-out rows, split exactly as train.py splits it (data.load_splits); of demo and the hub sets, rows
-    drawn from the test split; of any other file, rows drawn from all of it (no run trained on it)."""
+    drawn from the test split; of any other file, rows drawn from all of it (no run trained on it). The runs' file
+    must split as it did for them (check_data_hash)."""
     n = max(args.n_prompts, args.n_pairs)
     # a run's paths are relative to the folder train.py ran in; without its file its held-out rows cannot be told
     run_file = data and prompts.endswith(".jsonl") and data["dataset"].endswith(".jsonl") and data["dataset"]
@@ -339,6 +409,7 @@ def rows_to_score(prompts, data, args, log):
         if not held:
             raise UserError(f"the runs held out no rows of {data['dataset']} (--eval_pairs 0): every row was trained "
                             "on; score them on another data set with --prompts")
+        check_data_hash(runs, train_rows, held, data["dataset"])
         if n > len(held):
             log(f"note: the runs held out {len(held)} of the {len(train_rows) + len(held)} rows of {data['dataset']} "
                 f"(--eval_pairs {data['eval_pairs']}); --n_prompts {args.n_prompts} / --n_pairs {args.n_pairs} ask for "
@@ -410,8 +481,8 @@ def pair_logps(model, pair_batches):
         return [sequence_logps(model, batch).chunk(2) for batch in pair_batches]
 
 
-def evaluate(path, run, baseline, sft_model, prompts, prompt_ids, pair_batches, sft_pair_logps, judge, args, dtype,
-             device):
+def evaluate(path, name, run, baseline, sft_model, prompts, prompt_ids, pair_batches, sft_pair_logps, judge, args,
+             dtype, device):
     model, tokenizer = load_checkpoint(path, dtype)
     model.to(device)
     completions = sample(model, prompt_ids, stop_ids(tokenizer, model), args.temperature, args.max_new_tokens,
@@ -426,7 +497,7 @@ def evaluate(path, run, baseline, sft_model, prompts, prompt_ids, pair_batches, 
     outcomes = [(compare(i, prompts[i], texts[i], baseline[i]), compare(i, prompts[i], baseline[i], texts[i]))
                 for i in range(len(prompts))]
     rate, se = win_rate(outcomes)
-    result = {**describe(path, run), "checkpoint": path, "judge": args.judge, "win_rate": rate, "win_rate_se": se,
+    result = {**describe(path, name, run), "checkpoint": path, "judge": args.judge, "win_rate": rate, "win_rate_se": se,
               "kl_seq": kl_seq, "kl_token": kl_token, "mean_length": sum(map(len, completions)) / len(completions),
               "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     if args.judge == "gold":
@@ -468,7 +539,8 @@ def plot(results, path, quality):
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="+", help="train.py checkpoint folders (out/RUN/step_N) or model names")
-    p.add_argument("--baseline", required=True, help="the SFT model: win rates are against it, KL is to it")
+    p.add_argument("--baseline", help="the SFT model: win rates are against it, KL is to it (default: the model the "
+                   "checkpoints' runs started from, their --model; another one is refused)")
     p.add_argument("--prompts", default=None, help="demo | hh | tldr | ultrafeedback | PATH.jsonl (default: demo for "
                    "--judge gold, which knows only the demo tasks; else the data set the checkpoints' runs trained on)."
                    " Only rows the runs never trained on are scored")
@@ -490,6 +562,7 @@ def parse_args():
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out_dir", default="out/eval")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation's files in --out_dir")
     args = p.parse_args()
     for flag in ("n_prompts", "max_new_tokens", "batch_size", "max_length", "max_prompt_length"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
@@ -513,13 +586,15 @@ def main():
                                         and torch.cuda.is_bf16_supported())
     dtype = torch.bfloat16 if use_bf16 else torch.float32  # bf16 weights: half the memory of fp32 (75 GB for 8B)
 
+    earlier = earlier_outputs(args.out_dir, args.overwrite)
     # every model argument located before anything loads: a typo in the last checkpoint stops now, not in an hour
     for path in args.checkpoints:
         locate(path, "checkpoint")
+    runs = {path: run_args(path) for path in args.checkpoints}
+    args.baseline = starting_model(runs, args.baseline)
     locate(args.baseline, "--baseline")
     if args.judge.startswith("rm:"):
         locate(args.judge[3:], "--judge rm:")
-    runs = {path: run_args(path) for path in args.checkpoints}
     data = runs_data(args.checkpoints, args.baseline, args)
     max_length = args.max_length or (data["max_length"] if data else 512)
     max_prompt_length = args.max_prompt_length or (data["max_prompt_length"] if data else 256)
@@ -533,7 +608,7 @@ def main():
     if args.judge.startswith("llm:"):  # checks that the endpoint answers
         judge = llm_judge(args.judge[4:], args.judge_model, os.environ.get(args.judge_key_env))
 
-    test_rows, train_rows = rows_to_score(prompts_set, data, args, print)
+    test_rows, train_rows = rows_to_score(prompts_set, data, runs, args, print)
     prompts, tasks = prompts_to_sample(prompts_set, test_rows, train_rows, print)
     if args.judge.startswith("rm:"):
         judge = reward_model_judge(args.judge[3:], device)
@@ -565,18 +640,21 @@ def main():
     baseline = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in baseline_ids]
 
     os.makedirs(args.out_dir, exist_ok=True)
-    results = []
+    for name in earlier:  # --overwrite
+        os.remove(os.path.join(args.out_dir, name))
+    names, results = run_names(runs), []
     if args.judge == "gold":  # the baseline itself, at KL 0, anchors the plot
         results.append({"run": "baseline", "method": "sft", "step": 0, "kl_seq": 0.0, "kl_token": 0.0, "win_rate": 0.5,
                         "gold_score": sum(judge[1](i, t) for i, t in enumerate(baseline)) / len(baseline),
                         "mean_length": sum(map(len, baseline_ids)) / len(baseline_ids), "checkpoint": args.baseline})
     print(f"{'checkpoint':<44} {'win rate':>13} {'gold':>6} {'KL seq':>8} {'KL/tok':>7} {'length':>7} {'rew.acc':>7}")
-    json.dump({"prompts": prompts_set, "max_length": max_length, "max_prompt_length": max_prompt_length,
-               "sampled": prompts, "pairs": [test_rows[e["row"]]["where"] for e in pairs]},
+    json.dump({"prompts": prompts_set, "baseline": args.baseline, "max_length": max_length,
+               "max_prompt_length": max_prompt_length, "sampled": prompts,
+               "pairs": [test_rows[e["row"]]["where"] for e in pairs]},
               open(os.path.join(args.out_dir, "scored_rows.json"), "w"), indent=1)  # what was scored, for the record
     for path in args.checkpoints:
-        r = evaluate(path, runs[path], baseline, sft_model, prompts, prompt_ids, pair_batches, sft_pair_logps, judge,
-                     args, dtype, device)
+        r = evaluate(path, names[path], runs[path], baseline, sft_model, prompts, prompt_ids, pair_batches,
+                     sft_pair_logps, judge, args, dtype, device)
         results.append(r)
         name = f"{r['run']}/step_{r['step']}"
         json.dump(r, open(os.path.join(args.out_dir, name.replace("/", "_") + ".json"), "w"), indent=1)

@@ -142,6 +142,7 @@ EVALUATE = [
     (["{tiny}", "--baseline", "{tiny}", "--max_length", "64", "--max_prompt_length", "64"], 2,
      ["--max_prompt_length 64 must be less than --max_length 64"]),
     (["{tiny}", "--baseline", "{tiny}", "--dtype", "fp16"], 2, ["--dtype: invalid choice: 'fp16'"]),
+    (["{tiny}"], 1, ["pass --baseline, the model the checkpoints started from: no checkpoint comes from a train.py"]),
 ]
 
 

@@ -17,6 +17,7 @@ from data import collate, encode, render, tokenize
 from guards import UserError
 from model import load_model, load_tokenizer, sequence_logps
 from sources import load_splits
+from test_data import rows_per_prompt
 from test_evaluate import FakeJudge
 
 pytestmark = pytest.mark.slow  # runs train.py: `make test` runs these, `make test-fast` not
@@ -163,11 +164,12 @@ def test_a_plain_model_or_another_data_set_is_scored_on_what_it_holds_with_a_not
 
 
 def fake_checkpoint(folder, real, **changes):
-    """A checkpoint of another run: the real one's model, its run's arguments changed."""
-    run = {**torch.load(os.path.join(real, "state.pt"), weights_only=False)["run"], **changes}
+    """A checkpoint of another run: the real one's model and data hash, its run's arguments changed."""
+    state = torch.load(os.path.join(real, "state.pt"), weights_only=False)
     os.makedirs(folder / "step_000002")
     (folder / "step_000002" / "policy").symlink_to(os.path.join(real, "policy"))
-    torch.save({"run": run}, folder / "step_000002" / "state.pt")
+    torch.save({"run": {**state["run"], **changes}, "data_sha256": state["data_sha256"]},
+               folder / "step_000002" / "state.pt")
     return str(folder / "step_000002")
 
 
@@ -200,9 +202,80 @@ def test_a_run_whose_file_is_not_found_from_here_is_refused_rather_than_guessed(
 
 def test_a_baseline_from_a_run_on_the_same_file_with_another_split_is_refused(run, monkeypatch, tmp_path):
     sft = fake_checkpoint(tmp_path / "sft", run["checkpoints"][-1], method="sft", eval_pairs=0)
-    monkeypatch.setattr(sys, "argv", ["evaluate.py", run["checkpoints"][-1], "--baseline", sft, "--judge",
+    dpo = fake_checkpoint(tmp_path / "dpo", run["checkpoints"][-1], model=sft)  # a run that started from it
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", dpo, "--baseline", sft, "--judge",
                                       "llm:http://127.0.0.1:1/v1", "--out_dir", str(tmp_path / "eval")])
     monkeypatch.setattr(sys, "excepthook", sys.excepthook)
     with pytest.raises(UserError) as error:
         evaluate.main()
     assert "and the --baseline's hold out different rows" in str(error.value) and sft in str(error.value)
+
+
+def evaluate_quietly(*argv, monkeypatch, out_dir):
+    """run_evaluate with few prompts and pairs, its output swallowed."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return run_evaluate(*argv, "--n_prompts", 2, "--n_pairs", 2, monkeypatch=monkeypatch, out_dir=out_dir)
+
+
+def test_a_file_that_changed_since_the_run_is_refused_naming_it(run, judge, monkeypatch, tmp_path):
+    changed = tmp_path / "data.jsonl"  # the run's file with one row appended after training
+    changed.write_text(open(run["data"]).read() + json.dumps({"prompt": "New?", "chosen": "yes", "rejected": "no"})
+                       + "\n")
+    later = fake_checkpoint(tmp_path / "later", run["checkpoints"][-1], dataset=str(changed))
+    with pytest.raises(UserError) as error:  # its re-split would score rows the run trained on
+        evaluate_quietly(later, "--baseline", TINY, "--judge", judge, monkeypatch=monkeypatch,
+                         out_dir=tmp_path / "eval")
+    assert f"{later} trained on other pairs than {changed} splits into now" in str(error.value)
+
+
+def test_runs_are_named_by_the_shortest_ending_of_their_paths_that_tells_them_apart(run, judge, monkeypatch,
+                                                                                      tmp_path):
+    seeds = [fake_checkpoint(tmp_path / f"seed{s}" / "dpo", run["checkpoints"][-1]) for s in (0, 1)]
+    results, _, per_checkpoint = evaluate_quietly(*seeds, "--baseline", TINY, "--judge", judge,
+                                                  monkeypatch=monkeypatch, out_dir=tmp_path / "eval")
+    assert [r["run"] for r in results] == [r["run"] for r in per_checkpoint] == ["seed0/dpo", "seed1/dpo"]
+    dpo = {"method": "dpo"}
+    names = evaluate.run_names({"a/dpo/step_1": dpo, "b/dpo/step_1": dpo, "b/dpo/step_2": dpo, "dpo/step_3": dpo,
+                                "models/sft": None, "sft": None})
+    assert names == {"a/dpo/step_1": "a/dpo", "b/dpo/step_1": "b/dpo", "b/dpo/step_2": "b/dpo", "dpo/step_3": "dpo",
+                     "models/sft": "models/sft", "sft": "sft"}
+
+
+def test_the_baseline_is_the_model_the_runs_started_from_and_another_is_refused(run, judge, monkeypatch, tmp_path):
+    _, scored, _ = evaluate_quietly(run["checkpoints"][-1], "--judge", judge, monkeypatch=monkeypatch,
+                                    out_dir=tmp_path / "eval")  # no --baseline
+    assert scored["baseline"] == evaluate.run_args(run["checkpoints"][-1])["model"] == TINY
+    with pytest.raises(UserError, match=rf"--baseline {run['checkpoints'][0]} is not the model the checkpoints' runs "
+                                        rf"started from \({TINY}, their --model\)"):
+        evaluate_quietly(run["checkpoints"][-1], "--baseline", run["checkpoints"][0], "--judge", judge,
+                         monkeypatch=monkeypatch, out_dir=tmp_path / "other")
+    sft = run["checkpoints"][0]  # a checkpoint as the starting model: named by its folder or by its policy/ alike
+    assert evaluate.starting_model({"ckpt": {"model": sft}}, os.path.join(sft, "policy")) == os.path.join(sft, "policy")
+    assert evaluate.starting_model({"ckpt": {"model": sft}, "plain": None}, None) == sft
+    with pytest.raises(UserError, match="pass --baseline, the model the checkpoints started from: their runs started"):
+        evaluate.starting_model({"a": {"model": sft}, "b": {"model": TINY}}, None)
+
+
+def test_an_out_dir_holding_an_earlier_evaluation_is_refused_unless_overwritten(run, judge, monkeypatch, tmp_path):
+    first = fake_checkpoint(tmp_path / "first", run["checkpoints"][-1])
+    again = [run["checkpoints"][-1], "--baseline", TINY, "--judge", judge]
+    evaluate_quietly(first, *again[1:], monkeypatch=monkeypatch, out_dir=tmp_path / "eval")
+    with pytest.raises(UserError, match=f"--out_dir {tmp_path / 'eval'} holds an earlier evaluation"):
+        evaluate_quietly(*again, monkeypatch=monkeypatch, out_dir=tmp_path / "eval")
+    results, _, per_checkpoint = evaluate_quietly(*again, "--overwrite", monkeypatch=monkeypatch,
+                                                  out_dir=tmp_path / "eval")
+    assert [r["checkpoint"] for r in per_checkpoint] == [r["checkpoint"] for r in results] == [run["checkpoints"][-1]]
+
+
+def test_a_file_of_several_pairs_per_prompt_is_scored_on_prompts_the_run_never_trained_on(judge, monkeypatch,
+                                                                                           tmp_path):
+    data = rows_per_prompt(tmp_path / "two.jsonl", 2, prompts=24)  # by row, every held-out prompt was trained on
+    status, log = train_py("--model", TINY, "--dataset", data, "--eval_pairs", 8, "--batch_size", 4,
+                           "--micro_batch_size", 2, "--max_steps", 1, "--out_dir", tmp_path / "run")
+    assert status == 0, log[-3000:]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        _, scored, _ = run_evaluate(tmp_path / "run" / "step_000001", "--baseline", TINY, "--judge", judge,
+                                    monkeypatch=monkeypatch, out_dir=tmp_path / "eval")
+    train_rows, held = load_splits(data, 8, **quiet)
+    assert sorted(scored["sampled"]) == sorted({r["prompt"] for r in held}) and len(scored["sampled"]) == 4
+    assert not set(scored["sampled"]) & {r["prompt"] for r in train_rows}
