@@ -9,7 +9,7 @@ tokens, in nats; rewards and margins are on training's scale (per-token means un
 """
 
 HELD_OUT_ACCURACY = "held-out reward accuracy: against the reference, against SFT"
-DRIFT = "held-out drift from SFT, nats: policy, reference (the trust region's centre)"
+DRIFT = "held-out drift from SFT, nats: the policy, the reference"
 
 # name: (what it is, the panel that draws it or None, its line there: "-" solid, "--" dashed)
 METRICS = {

@@ -3,10 +3,11 @@
     python plot.py out/tr_dpo-demo                            # -> out/tr_dpo-demo/curves.png
     python plot.py out/dpo out/tr_dpo_hard out/tr_dpo_soft --out curves.png      # several runs overlaid
 
-One panel for each panel that metrics.py declares, against the optimizer step, one colour per run; held-out metrics
-at the steps they were measured (--eval_interval). Dotted vertical lines mark the reference updates of runs that update
-every tau > 1 steps; a soft update every step would mark every step, so the legend says it instead. After a hard copy
-the reference is the policy: the next batches start at margin 0 and loss log 2, hence the saw-tooth.
+The panels are those metrics.py declares, each in a cell of its own, against the optimizer step, one colour per run;
+held-out metrics at the steps they were measured (--eval_interval). Dotted vertical lines mark the reference updates
+of runs that update every tau > 1 steps; a soft update every step would mark every step, so the legend says it
+instead. After a hard copy the reference is the policy: the next batches start at margin 0 and loss log 2, hence the
+saw-tooth.
 
 The reference's own drift from the SFT model (drift/reference_*, the centre of the trust region) is constant between
 updates, so where the reference moves every tau > 1 steps it is drawn as a step function that jumps at each update,
@@ -16,9 +17,9 @@ line.
 
 Ties. Where policy and reference are the same model every margin is exactly 0, and train.py's accuracies (TRL's
 strict chosen > rejected) log 0, which reads as "always wrong". The curves draw such a tie as an open circle at 0.5,
-off the line (the line has a gap there; a measured 0.5 is on it), wherever the rewards (or drifts) behind an accuracy
-are all exactly 0: before the first step, at step 1 under a warm-up (lr 0), at the step after a hard copy.
-metrics.jsonl keeps TRL's 0.
+off the line (the line has a gap there; a measured 0.5 is on it, or a dot where gaps surround it), wherever the
+rewards (or drifts) behind an accuracy are all exactly 0: before the first step, at step 1 under a warm-up (lr 0), at
+the step after a hard copy. metrics.jsonl keeps TRL's 0.
 
     quality_vs_kl(results, out): evaluate.py's results.json files, the win rate with its standard error against the
     KL to the SFT model, one panel per file (LESSON.md, Part 5)
