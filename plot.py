@@ -3,41 +3,38 @@
     python plot.py out/tr_dpo-demo                            # -> out/tr_dpo-demo/curves.png
     python plot.py out/dpo out/tr_dpo_hard out/tr_dpo_soft --out curves.png      # several runs overlaid
 
-Five panels against the optimizer step: the training loss, the implicit-reward margin and accuracy of the training
-batches (against the reference each step trained with), the held-out reward accuracy (solid: against the moving
-reference; dashed: against the SFT model), and the held-out drift from the SFT model, mean log pi - log pi_SFT
-(solid: chosen; dashed: rejected), each at the steps it was measured (--eval_interval), with the reference's own drift
-beside it (thin, x): the centre of the trust region, which jumps at each hard copy and glides under a soft update.
-Dotted vertical lines mark the reference updates of runs that update every tau > 1 steps; a soft update every step
-would mark every step, so the legend says it instead. After a hard copy the reference is the policy: the next batches
-start at margin 0 and loss log 2, hence the saw-tooth.
+The panels are those metrics.py declares, each in a cell of its own, against the optimizer step, one colour per run;
+held-out metrics at the steps they were measured (--eval_interval). Dotted vertical lines mark the reference updates
+of runs that update every tau > 1 steps; a soft update every step would mark every step, so the legend says it
+instead. After a hard copy the reference is the policy: the next batches start at margin 0 and loss log 2, hence the
+saw-tooth.
+
+The reference's own drift from the SFT model (drift/reference_*, the centre of the trust region) is constant between
+updates, so where the reference moves every tau > 1 steps it is drawn as a step function that jumps at each update,
+its value read from an evaluation made while that reference was in force (none: a gap). A line through the
+evaluations would draw a copy at step 16 as a slope from step 0 to 20. Under a soft update every step it glides: a
+line.
 
 Ties. Where policy and reference are the same model every margin is exactly 0, and train.py's accuracies (TRL's
-strict chosen > rejected) log 0, which reads as "always wrong". The curves draw such a tie at 0.5, as an open
-circle, wherever the rewards (or drifts) behind an accuracy are all exactly 0: before the first step, at step 1 under
-a warm-up (lr 0), at the step after a hard copy. metrics.jsonl keeps TRL's 0.
+strict chosen > rejected) log 0, which reads as "always wrong". The curves draw such a tie as an open circle at 0.5,
+off the line (the line has a gap there; a measured 0.5 is on it, or a dot where gaps surround it), wherever the
+rewards (or drifts) behind an accuracy are all exactly 0: before the first step, at step 1 under a warm-up (lr 0), at
+the step after a hard copy. metrics.jsonl keeps TRL's 0.
 
     quality_vs_kl(results, out): evaluate.py's results.json files, the win rate with its standard error against the
     KL to the SFT model, one panel per file (LESSON.md, Part 5)
 """
 import argparse
 import json
+import math
 import os
 
 from guards import UserError, report_user_errors
+from metrics import METRICS
 from ref_update import Rule
 
 FIGURE_TYPES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".webp", ".eps", ".ps", ".tif", ".tiff")  # by matplotlib
 
-PANELS = [("loss", "training loss", [("loss", "-")]),
-          ("margins", "rewards/margins (train)", [("rewards/margins", "-")]),
-          ("accuracy", "rewards/accuracies (train)", [("rewards/accuracies", "-")]),
-          ("held-out", "held-out accuracy: vs reference (solid), vs SFT (dashed)",
-           [("eval/rewards/accuracies", "-"), ("drift/accuracies", "--")]),
-          ("drift", "held-out drift from SFT, nats: chosen (solid), rejected (dashed);\n"
-                    "policy (thick), reference (thin, x: the trust region's centre)",
-           [("drift/chosen", "-"), ("drift/rejected", "--"), ("drift/reference_chosen", "-"),
-            ("drift/reference_rejected", "--")])]
 # each accuracy (strict chosen > rejected: a tie logs 0), and what is exactly 0 when all its margins are 0
 TIES = {"rewards/accuracies": ("rewards/chosen", "rewards/rejected"),
         "eval/rewards/accuracies": ("eval/rewards/margins",), "drift/accuracies": ("drift/chosen", "drift/rejected")}
@@ -89,53 +86,111 @@ def label(folder, args):
     return f"{os.path.basename(os.path.normpath(folder))} ({args['method']}{f', {rule.label}' if rule else ''})"
 
 
+def panels():
+    """{title: [(key, line), ...]}: the panels metrics.METRICS declares, in its order, each with its metrics."""
+    drawn = {}
+    for key, (_, panel, line) in METRICS.items():
+        if panel:
+            drawn.setdefault(panel, []).append((key, line))
+    return drawn
+
+
+def measured(key, records):
+    """[(step, value)]: one metric of one run where it was measured; held-out metrics once per evaluation, at its own
+    step (a log line repeats the latest). A tie's value is NaN. A run logged before the metric existed: []."""
+    if key.startswith(("eval/", "drift/")):
+        points = sorted({r.get("eval/step", r["step"]): r for r in records if key in r}.items())
+    else:
+        points = [(r["step"], r) for r in records if key in r]
+    return [(s, math.nan if is_tie(key, r) else r[key]) for s, r in points]
+
+
+def series(key, records, args):
+    """(x, y): the line of one metric of one run, with a gap at each tie. The reference's drift, where its rule moves
+    it every tau > 1 steps, is a step function: constant from one update to the next, a vertical jump at each, its
+    value from an evaluation while it was in force (none: a gap)."""
+    points = measured(key, records)
+    rule = Rule.of_run(args)
+    if not key.startswith("drift/reference") or not points or (rule and rule.tau == 1):
+        return [s for s, _ in points], [v for _, v in points]
+    # the evaluation after step s measured the reference step s trained with: the one after the updates before s
+    last = max(records[-1]["step"], points[-1][0])
+    updates = [u for u in reference_updates(args, last) if u < last]
+    bounds = [0, *updates, last]  # reference k is in force from bounds[k] to bounds[k + 1]
+    value = {sum(u < s for u in updates): v for s, v in points}
+    x, y = [], []
+    for k in range(len(bounds) - 1):
+        x += [bounds[k], bounds[k + 1]] if k in value else [bounds[k]]
+        y += [value[k]] * 2 if k in value else [math.nan]
+    return x, y
+
+
+def lone(points):
+    """The points a line cannot show: a gap (a tie, or the end) on both sides."""
+    values = [math.nan, *(v for _, v in points), math.nan]
+    return [(s, v) for i, (s, v) in enumerate(points)
+            if not math.isnan(v) and math.isnan(values[i]) and math.isnan(values[i + 2])]
+
+
+def style(key):
+    """How a metric's points look: the reference's drift thin, with an x at each evaluation; the policy's held-out
+    metrics a dot at each evaluation; training metrics a plain line."""
+    if key.startswith("drift/reference"):
+        return {"linewidth": 0.8, "marker": "x", "markersize": 4}
+    return {"linewidth": 1.5, "marker": "o" if key.startswith(("eval/", "drift/")) else None, "markersize": 3}
+
+
 def plot(folders, out):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
-    axes = axes.ravel()
-    for i, folder in enumerate(folders):
-        args, records = read_run(folder)
-        color = f"C{i}"
-        steps = [r["step"] for r in records]
-        evaluations = {r.get("eval/step", r["step"]): r for r in records}  # each evaluation once, at its own step
-        for ax, (_, title, series) in zip(axes, PANELS):
-            for key, style in series:
-                if key not in records[0]:  # SFT has no rewards; --eval_pairs 0 has no held-out metrics
-                    continue
-                if key.startswith(("eval/", "drift/")):  # a log line repeats the latest evaluation: plot each once
-                    points = list(evaluations.items())
-                else:
-                    points = [(r["step"], r) for r in records]
-                x = [s for s, _ in points]
-                ties = [is_tie(key, r) for _, r in points]
-                y = [0.5 if tie else r[key] for (_, r), tie in zip(points, ties)]
-                reference = key.startswith("drift/reference")
-                ax.plot(x, y, style, color=color, linewidth=0.8 if reference else 1.5,
-                        marker="x" if reference else "o" if key.startswith(("eval/", "drift/")) else None,
-                        markersize=4 if reference else 3)
-                if any(ties):
-                    ax.plot([a for a, t in zip(x, ties) if t], [0.5] * sum(ties), "o", markersize=7,
-                            markerfacecolor="white", markeredgecolor=color)
-            for s in reference_updates(args, steps[-1]):
-                ax.axvline(s, color=color, linestyle=":", linewidth=0.8)
-            ax.set_title(title, fontsize=9)
-        axes[-1].plot([], [], color=color, label=label(folder, args))
-    axes[-1].plot([], [], "k:", linewidth=0.8, label="reference update")
-    axes[-1].plot([], [], "o", color="k", markerfacecolor="white", markersize=7,
-                  label="a tie: every margin exactly 0 (policy = reference),\n"
-                        "drawn at 0.5 (metrics.jsonl: 0, strict >)")
-    axes[-1].legend(loc="center", fontsize=9, frameon=False)
-    axes[-1].axis("off")
-    for ax in axes[:-1]:
-        ax.set_xlabel("optimizer step", fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
+    """Draw the runs' curves into `out`; returns it."""
+    fig = figure(folders)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     fig.savefig(out, dpi=110)
     return out
 
+
+def figure(folders):
+    """One panel per metrics.py panel, then the legend in a cell of its own: a grid of 3 columns, as many rows as
+    they need."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    drawn = panels()
+    columns, rows = 3, math.ceil((len(drawn) + 1) / 3)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.75 * rows), squeeze=False)
+    axes, legend = axes.ravel()[:len(drawn)], axes.ravel()[len(drawn)]
+    for ax in fig.axes[len(drawn):]:
+        ax.axis("off")
+    for ax, (title, lines) in zip(axes, drawn.items()):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("optimizer step", fontsize=8)
+        ax.grid(alpha=0.3)
+        if len(lines) > 1:  # which line is which metric
+            for key, line in lines:
+                ax.plot([], [], line, color="k", label=key, **style(key))
+            ax.legend(fontsize=7)
+    for i, folder in enumerate(folders):
+        args, records = read_run(folder)
+        color = f"C{i}"
+        for ax, lines in zip(axes, drawn.values()):
+            for key, line in lines:
+                look = style(key)
+                ax.plot(*series(key, records, args), line, color=color, linewidth=look["linewidth"])
+                points = measured(key, records)
+                marked = points if look["marker"] else lone(points)  # each evaluation; or a point no line reaches
+                ax.plot([s for s, _ in marked], [v for _, v in marked], look["marker"] or "o", color=color,
+                        markersize=look["markersize"])
+                ties = [s for s, v in points if math.isnan(v)]
+                ax.plot(ties, [0.5] * len(ties), "o", markersize=7, markerfacecolor="white", markeredgecolor=color)
+            for s in reference_updates(args, records[-1]["step"]):
+                ax.axvline(s, color=color, linestyle=":", linewidth=0.8)
+        legend.plot([], [], color=color, label=label(folder, args))
+    legend.plot([], [], "k:", linewidth=0.8, label="reference update")
+    legend.plot([], [], "o", color="k", markerfacecolor="white", markersize=7,
+                label="a tie: every margin exactly 0 (policy = reference),\n"
+                      "an open circle at 0.5, off the line (metrics.jsonl: 0, strict >)")
+    legend.legend(loc="center", fontsize=9, frameon=False)
+    fig.tight_layout()
+    return fig
 
 
 def quality_vs_kl(results, out):

@@ -208,7 +208,7 @@ ddp = policy if isinstance(policy, DDP) else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# one micro-batch: per-pair losses and the metrics TRL users know
+# one micro-batch: per-pair losses and the metrics TRL users know (metrics.py: every logged key and what it means)
 def prepare(micro_batch):
     """(pair, neighbour) list -> tensors on the device; each row's place and the token count read on the host."""
     examples, neighbours = zip(*micro_batch)
