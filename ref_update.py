@@ -72,7 +72,7 @@ class Rule:
         which refuses the rule's flags."""
         if args.method.startswith("tr_"):
             return Rule.of_flags(args.alpha, args.tau)
-        given = [f"--{name}" for name in Rule.FLAGS if getattr(args, name) is not None]
+        given = [f"--{name}" for name in Rule.FLAGS if getattr(args, name) != parser.get_default(name)]
         if given:
             tr = [m for a in parser._actions if a.dest == "method" for m in a.choices or () if m.startswith("tr_")]
             parser.error(f"{'/'.join(given)} move the reference, which only the TR methods do ({', '.join(tr)}), not "

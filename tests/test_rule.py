@@ -64,6 +64,26 @@ def test_the_rule_a_run_keeps_is_the_rule_it_ran(argv, rule):
     assert rule.label and str(rule)
 
 
+def test_every_value_of_every_rule_flag_reaches_the_rule():
+    """A rule flag that add_flags declares but of_args does not pass on would be a silent no-op: each of its values
+    must change the rule of some command line (the same line without it, or with another value)."""
+    p = rule_parser()
+    rules = {tuple(argv): rule for argv, rule in every_rule()}
+    for a in rule_flags():
+        flag = a.option_strings[0]
+        values = a.choices or [s for s in SAMPLES if accepted(a, s)]
+        for value in (v for v in values if v != a.default):  # (leaving a flag at its default changes nothing)
+            with_it = [(argv, rule) for argv, rule in rules.items()
+                       if flag in argv and argv[argv.index(flag) + 1] == value]
+            assert any(rule != Rule.of_args(p, p.parse_args(drop(argv, flag))).over(8) for argv, rule in with_it), \
+                f"{flag} {value} changes no rule"
+
+
+def drop(argv, flag):
+    i = argv.index(flag)
+    return [*argv[:i], *argv[i + 2:]]
+
+
 def test_the_rules_flags_are_refused_for_a_method_whose_reference_never_moves():
     p = rule_parser()
     for a in rule_flags():
