@@ -90,3 +90,10 @@ def test_the_rules_flags_are_refused_for_a_method_whose_reference_never_moves():
         value = a.choices[-1] if a.choices else next(s for s in SAMPLES if accepted(a, s))
         with pytest.raises(SystemExit):
             Rule.of_args(p, p.parse_args(["--method", "dpo", a.option_strings[0], value]))
+
+
+def test_rules_that_differ_are_told_apart_in_the_start_up_line_and_the_legends():
+    """str(rule) starts every run; rule.label names the run in plot.py's and evaluate.py's legends: a rule flag that
+    they do not show would make two different runs read the same."""
+    rules = {rule for _, rule in every_rule()}
+    assert len({rule.label for rule in rules}) == len({str(rule) for rule in rules}) == len(rules)
