@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import checkpoint
-from conftest import PAIRS, ROOT, train_py
+from conftest import PAIRS, train_py
 from guards import UserError
 from test_flags import name, parser_of
 from test_train import TINY_RUN
