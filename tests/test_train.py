@@ -366,3 +366,25 @@ def test_wandb_gets_the_run_name_its_arguments_and_every_logged_record(tmp_path)
     logged = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [(h["step"], h["loss"], h["rewards/margins"]) for h in history] == \
         [(r["step"], r["loss"], r["rewards/margins"]) for r in logged]
+
+
+def test_max_grad_norm_0_is_no_clipping_as_in_transformers(tmp_path):
+    """transformers' Trainer (and so TRL) reads max_grad_norm 0 as no clipping; it scaled every gradient to 0 here
+    (a run that logged log 2 and zero drift for hours). Unclipped: the same weights as a bound no gradient reaches."""
+    train(tmp_path / "zero", "--max_grad_norm", "0", "--max_steps", "1")
+    train(tmp_path / "huge", "--max_grad_norm", "1e9", "--max_steps", "1")
+    zero, huge = (weights(tmp_path / run / "step_000001")[0] for run in ("zero", "huge"))
+    assert all(torch.equal(zero[k], huge[k]) for k in zero)
+    assert any(not torch.equal(zero[k], v.float()) for k, v in model_state(TINY).items() if k in zero)
+
+
+def model_state(config):
+    from model import load_model
+    return load_model(config, seed=0).state_dict()
+
+
+def test_an_interval_of_0_means_only_at_the_end(tmp_path):
+    """--log_interval 0: a log line at the first and last step; --eval_interval 0: evaluation at the end only (as
+    --save_interval 0 saves only at the end). Both crashed with a ZeroDivisionError after the first step."""
+    records, _ = train(tmp_path, "--log_interval", "0", "--eval_interval", "0", "--max_steps", "3")
+    assert [(r["step"], r["eval/step"]) for r in records] == [(1, 0), (3, 3)]
