@@ -144,4 +144,4 @@ def test_every_value_train_py_accepts_completes_a_run_that_trains_or_says_why_no
     sft = model.load_model(flags_[flags_.index("--model") + 1], seed=seed).state_dict()
     policy = load_file(os.path.join(tmp_path, "step_000001", "policy", "model.safetensors"))
     moved = any(not torch.equal(policy[k], sft[k].float()) for k in policy if k in sft)
-    assert moved or f"warning: {flag}" in log, f"{flag} {value}: the run trained nothing and said nothing\n{log[-2000:]}"
+    assert moved or f"warning: {flag}" in log, f"{flag} {value}: the run trained nothing, said nothing\n{log[-2000:]}"

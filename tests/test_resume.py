@@ -63,7 +63,7 @@ def test_every_flag_either_may_change_on_resume_or_is_refused_naming_it(finished
     assert set(checkpoint.MAY_CHANGE) <= set(run) and set(checkpoint.LENGTH) <= set(checkpoint.MAY_CHANGE)
     for flag in run:
         now = {**run, flag: changed(run[flag])}
-        may = flag in checkpoint.MAY_CHANGE and flag != "max_steps"  # (the run's schedule is cosine: its length is fixed)
+        may = flag in checkpoint.MAY_CHANGE and flag != "max_steps"  # (the run's schedule is cosine: length fixed)
         try:
             checkpoint.check_same_run(run, now, parser_of("train.py"), "step_000002")
             assert may, f"--{flag} changed on resume and nothing refused it"
