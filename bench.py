@@ -24,28 +24,32 @@ import warnings
 import torch
 from transformers import GPTNeoXConfig
 
+from flags import at_least, in_range, positive, text
 from guards import report_user_errors
 from losses import dpo_loss
 from model import load_config, load_model, sequence_logps
 from ref_update import update_reference
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--config", default=None, help="a config.json to benchmark instead of the GPT-NeoX shape below")
-p.add_argument("--hidden_size", type=int, default=2048)  # Pythia-1.4B, as in EleutherAI/pythia-1.4b's config.json
-p.add_argument("--num_layers", type=int, default=24)
-p.add_argument("--num_heads", type=int, default=16)
-p.add_argument("--intermediate_size", type=int, default=8192)
-p.add_argument("--vocab_size", type=int, default=50304)
-p.add_argument("--prompt_len", type=int, default=128)
-p.add_argument("--completion_len", type=int, default=384)
-p.add_argument("--micro_batch_size", type=int, default=8, help="pairs per GPU per step")
-p.add_argument("--steps", type=int, default=20, help="timed steps (the median is reported)")
-p.add_argument("--warmup_steps", type=int, default=5, help="untimed steps first (allocator, cuBLAS, autotuning)")
+p.add_argument("--config", type=text("a config .json"), default=None, help="a config.json to benchmark instead of the "
+               "GPT-NeoX shape below")
+p.add_argument("--hidden_size", type=at_least(1), default=2048)  # Pythia-1.4B, as EleutherAI/pythia-1.4b's config
+p.add_argument("--num_layers", type=at_least(1), default=24)
+p.add_argument("--num_heads", type=at_least(1), default=16)
+p.add_argument("--intermediate_size", type=at_least(1), default=8192)
+p.add_argument("--vocab_size", type=at_least(2), default=50304, help="at least 2: token 0 ends every completion")
+p.add_argument("--prompt_len", type=at_least(1), default=128)
+p.add_argument("--completion_len", type=at_least(1), default=384)
+p.add_argument("--micro_batch_size", type=at_least(1), default=8, help="pairs per GPU per step")
+p.add_argument("--steps", type=at_least(1), default=20, help="timed steps (the median is reported)")
+p.add_argument("--warmup_steps", type=at_least(1), default=5, help="untimed steps first (allocator, cuBLAS, "
+               "autotuning); at least 1: TRL's step time is measured between the ends of consecutive steps")
 p.add_argument("--no_grad_ckpt", action="store_true", help="no gradient checkpointing of the policy")
 p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="autocast; auto = bf16 on CUDA")
-p.add_argument("--alpha", type=float, default=0.6, help="weight of the policy in the soft update, done every step")
-p.add_argument("--beta", type=float, default=0.1)
-p.add_argument("--lr", type=float, default=1e-6)
+p.add_argument("--alpha", type=in_range(0.0, 1.0), default=0.6, help="weight of the policy in the soft update, done "
+               "every step")
+p.add_argument("--beta", type=positive(), default=0.1)
+p.add_argument("--lr", type=positive(), default=1e-6)
 p.add_argument("--vs-trl", action="store_true", help="also run TRL's DPOTrainer (sync_ref_model) on the same workload")
 p.add_argument("--tiny", action="store_true", help="2 layers, hidden 64, short pairs: checks the code on a CPU")
 TINY = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256, prompt_len=16, completion_len=48,
@@ -54,21 +58,8 @@ if p.parse_known_args()[0].tiny:  # --tiny changes the defaults; flags given exp
     p.set_defaults(**TINY)
 args = p.parse_args()
 report_user_errors()
-if args.warmup_steps < 1:
-    p.error("--warmup_steps must be at least 1: TRL's step time is measured between the ends of consecutive steps")
-for flag in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "prompt_len", "completion_len",
-             "micro_batch_size", "steps"):
-    if getattr(args, flag) < 1:
-        p.error(f"--{flag} {getattr(args, flag)} must be at least 1")
-if args.vocab_size < 2:
-    p.error(f"--vocab_size {args.vocab_size} must be at least 2 (token 0 ends every completion)")
 if args.hidden_size % args.num_heads:
     p.error(f"--hidden_size {args.hidden_size} must be a multiple of --num_heads {args.num_heads}")
-if not 0 <= args.alpha <= 1:
-    p.error(f"--alpha {args.alpha} must lie in [0, 1] (the weight of the policy in the soft update)")
-for flag in ("beta", "lr"):
-    if not getattr(args, flag) > 0:
-        p.error(f"--{flag} {getattr(args, flag)} must be positive")
 if args.config is not None and not (args.config.endswith(".json") and os.path.isfile(args.config)):
     p.error(f"--config {args.config}: expected a config .json file (bench.py builds a random model of its shape)"
             + ("" if os.path.exists(args.config) else "; there is no such file"))

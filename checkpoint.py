@@ -23,6 +23,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
+import flags
 from guards import UserError
 from model import load_model
 
@@ -30,10 +31,11 @@ from model import load_model
 RUN_FILES = ("args.json", "metrics.jsonl", "memory.json", "curves.png", "wandb", "step_*")
 # the arguments a resume may change: where and how often things are written, how the batch is split over processes
 # and micro-batches, where the data is read from (the pairs themselves are compared by hash), and the run's length
-# when nothing depends on it (--schedule constant). Every other argument must be the checkpoint's.
+# (--max_steps, and --epochs which gives it) unless a flag ties the run to it (flags.run_length, e.g. a decaying
+# --schedule). Every other argument must be the checkpoint's. train.py --help's --resume says it.
 MAY_CHANGE = ("out_dir", "overwrite", "resume", "log_interval", "eval_interval", "save_interval", "micro_batch_size",
-              "grad_ckpt", "dist_timeout", "skip_nonfinite", "data_dir", "wandb", "epochs")
-LENGTH = ("max_steps",)  # may change under --schedule constant only: a decaying schedule is a function of it
+              "grad_ckpt", "dist_timeout", "skip_nonfinite", "data_dir", "wandb", "epochs", "max_steps")
+LENGTH = ("max_steps",)  # the run's length as in force: what a flag marked flags.run_length ties the run to
 
 
 class Metrics:
@@ -88,21 +90,25 @@ def prepare_out_dir(out_dir, resume, overwrite, master):
     return None
 
 
-def check_same_run(saved, current, defaults, where):
-    """--resume continues the run the checkpoint belongs to: every argument but MAY_CHANGE must be the checkpoint's.
-    A key an older checkpoint lacks (a flag added since) counts as the parser's default."""
-    may_change = set(MAY_CHANGE) | (set(LENGTH) if saved.get("schedule", "constant") == "constant" else set())
+def check_same_run(saved, current, parser, where):
+    """--resume continues the run the checkpoint belongs to: every argument but MAY_CHANGE must be the checkpoint's,
+    and the run's length (max_steps) too where a flag of `parser` (train.py's) says the run depends on it. A key an
+    older checkpoint lacks (a flag added since) counts as the parser's default."""
+    defaults = vars(parser.parse_args([]))
+    tied = flags.length_dependent(parser, {**defaults, **saved})
+    may_change = set(MAY_CHANGE) - (set(LENGTH) if tied else set())
     differences = [f"--{k} {saved.get(k, defaults.get(k))!r} in the checkpoint, {current[k]!r} now"
                    for k in current if k not in may_change and saved.get(k, defaults.get(k)) != current[k]]
     if differences:
-        raise UserError(f"{where} belongs to another run: " + "; ".join(differences) +
+        why = f" (the run depends on its length: {', '.join('--' + f for f in tied)})" if tied else ""
+        raise UserError(f"{where} belongs to another run: " + "; ".join(differences) + why +
                         ". Resume with the same arguments, or start a fresh run in another --out_dir.")
 
 
-def check_resume(state, run, defaults, data_sha256, where):
+def check_resume(state, run, parser, data_sha256, where):
     """The same run (its arguments), on the same pairs (a hash of their token ids: the data, its bad rows, the
     held-out draw, the tokenizer and the lengths all show in it)."""
-    check_same_run(state["run"], run, defaults, where)
+    check_same_run(state["run"], run, parser, where)
     if state.get("data_sha256", data_sha256) != data_sha256:
         raise UserError(f"the training pairs differ from those {where} trained on (the data, its bad rows, "
                         "--eval_pairs, the tokenizer or the lengths changed); start a fresh run in another --out_dir")

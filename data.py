@@ -381,21 +381,20 @@ def inspect(args):
 if __name__ == "__main__":
     from guards import report_user_errors
     report_user_errors()
+    from flags import at_least, text
     from locate import DEFAULT_MODEL
     parser = argparse.ArgumentParser(description="Inspect a preference dataset: counts, lengths, cuts, one example.")
-    parser.add_argument("dataset", help="demo | hh | tldr | ultrafeedback | PATH.jsonl")
+    parser.add_argument("dataset", type=text("a data set"), help="demo | hh | tldr | ultrafeedback | PATH.jsonl")
     parser.add_argument("--split", default="train", choices=["train", "test"])
-    parser.add_argument("--data_dir", help="an offline copy of the hub data set, in the hub repository's layout")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="whose tokenizer and chat template to use")
-    parser.add_argument("--max_length", type=int, default=512)
-    parser.add_argument("--max_prompt_length", type=int, default=256)
-    parser.add_argument("--micro_batch_size", type=int, default=4)
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--data_dir", type=text("a folder"), help="an offline copy of the hub data set, in the hub "
+                        "repository's layout")
+    parser.add_argument("--model", type=text("a model"), default=DEFAULT_MODEL, help="whose tokenizer and chat "
+                        "template to use")
+    parser.add_argument("--max_length", type=at_least(2), default=512)
+    parser.add_argument("--max_prompt_length", type=at_least(1), default=256, help="less than --max_length")
+    parser.add_argument("--micro_batch_size", type=at_least(1), default=4)
+    parser.add_argument("--batch_size", type=at_least(1), default=8)
     args = parser.parse_args()
-    for flag in ("max_length", "micro_batch_size", "batch_size"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag} {getattr(args, flag)} must be at least 1")
-    if not 0 < args.max_prompt_length < args.max_length:
-        parser.error(f"--max_prompt_length {args.max_prompt_length} must be between 0 and --max_length "
-                     f"{args.max_length}")
+    if args.max_prompt_length >= args.max_length:
+        parser.error(f"--max_prompt_length {args.max_prompt_length} must be less than --max_length {args.max_length}")
     inspect(args)

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 import checkpoint
 from data import REFUSED, collate, fingerprint, pad, render, shorten, to_device, tokenize, turn_end
+from flags import at_least, text
 from guards import UserError, report_user_errors
 from locate import locate, reading
 from model import load_model, load_tokenizer, sequence_logps
@@ -538,39 +539,37 @@ def plot(results, path, quality):
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoints", nargs="+", help="train.py checkpoint folders (out/RUN/step_N) or model names")
-    p.add_argument("--baseline", help="the SFT model: win rates are against it, KL is to it (default: the model the "
-                   "checkpoints' runs started from, their --model; another one is refused)")
-    p.add_argument("--prompts", default=None, help="demo | hh | tldr | ultrafeedback | PATH.jsonl (default: demo for "
-                   "--judge gold, which knows only the demo tasks; else the data set the checkpoints' runs trained on)."
-                   " Only rows the runs never trained on are scored")
-    p.add_argument("--data_dir", help="an offline copy of the --prompts hub data set, in the hub repository's layout")
-    p.add_argument("--judge", default="gold", help="gold | rm:MODEL | llm:URL")
-    p.add_argument("--judge_model", default="gpt-4", help="model name sent to the llm judge's endpoint")
-    p.add_argument("--judge_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    p.add_argument("--n_prompts", type=int, default=200)
-    p.add_argument("--n_pairs", type=int, default=128, help="held-out pairs for the implicit-reward accuracy; 0: none")
-    p.add_argument("--temperature", type=float, default=1.0, help="1: samples from pi itself (the KL needs it); "
-                   "0: greedy")
-    p.add_argument("--max_new_tokens", type=int, default=64)
-    p.add_argument("--max_length", type=int, default=None, help="prompt + completion tokens, as in training (default: "
-                   "the runs' --max_length, or 512 for plain models)")
-    p.add_argument("--max_prompt_length", type=int, default=None, help="prompt tokens kept when cutting (default: the "
-                   "runs' --max_prompt_length, or 256)")
+    p.add_argument("checkpoints", nargs="+", type=text("checkpoints"), help="train.py checkpoint folders "
+                   "(out/RUN/step_N) or model names")
+    p.add_argument("--baseline", type=text("a model"), help="the SFT model: win rates are against it, KL is to it "
+                   "(default: the model the checkpoints' runs started from, their --model; another one is refused)")
+    p.add_argument("--prompts", type=text("a data set"), default=None, help="demo | hh | tldr | ultrafeedback | "
+                   "PATH.jsonl (default: demo for --judge gold, which knows only the demo tasks; else the data set the "
+                   "checkpoints' runs trained on). Only rows the runs never trained on are scored")
+    p.add_argument("--data_dir", type=text("a folder"), help="an offline copy of the --prompts hub data set, in the "
+                   "hub repository's layout")
+    p.add_argument("--judge", type=text("a judge"), default="gold", help="gold | rm:MODEL | llm:URL")
+    p.add_argument("--judge_model", type=text("a model name"), default="gpt-4", help="model name sent to the llm "
+                   "judge's endpoint")
+    p.add_argument("--judge_key_env", type=text("a variable"), default="OPENAI_API_KEY", help="environment variable "
+                   "holding the API key")
+    p.add_argument("--n_prompts", type=at_least(1), default=200)
+    p.add_argument("--n_pairs", type=at_least(0, zero="none"), default=128, help="held-out pairs for the "
+                   "implicit-reward accuracy; 0: none")
+    p.add_argument("--temperature", type=at_least(0.0, zero="greedy"), default=1.0, help="1: samples from pi itself "
+                   "(the KL needs it); 0: greedy")
+    p.add_argument("--max_new_tokens", type=at_least(1), default=64)
+    p.add_argument("--max_length", type=at_least(2), default=None, help="prompt + completion tokens, as in training "
+                   "(default: the runs' --max_length, or 512 for plain models)")
+    p.add_argument("--max_prompt_length", type=at_least(1), default=None, help="prompt tokens kept when cutting "
+                   "(default: the runs' --max_prompt_length, or 256)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="the weights of policy and SFT "
                    "model; auto = bf16 on CUDA (half the memory), fp32 on the CPU")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out_dir", default="out/eval")
+    p.add_argument("--batch_size", type=at_least(1), default=32)
+    p.add_argument("--seed", type=at_least(0), default=0)
+    p.add_argument("--out_dir", type=text("a folder"), default="out/eval")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation's files in --out_dir")
     args = p.parse_args()
-    for flag in ("n_prompts", "max_new_tokens", "batch_size", "max_length", "max_prompt_length"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            p.error(f"--{flag} {getattr(args, flag)} must be at least 1")
-    if args.n_pairs < 0:
-        p.error(f"--n_pairs {args.n_pairs} must be 0 (no reward accuracy) or more")
-    if args.temperature < 0:
-        p.error(f"--temperature {args.temperature} must be 0 (greedy) or positive")
     if args.max_length and args.max_prompt_length and args.max_prompt_length >= args.max_length:
         p.error(f"--max_prompt_length {args.max_prompt_length} must be less than --max_length {args.max_length}")
     if not (args.judge == "gold" or re.fullmatch(r"(rm|llm):.+", args.judge)):

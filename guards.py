@@ -45,26 +45,23 @@ def fail(message):
     raise SystemExit(1)
 
 
-def check_flags(parser, args, method, rule):
-    """train.py's flag values that no run can use, each refused by argparse with the flag's name (status 2)."""
+def check_flags(parser, args, method):
+    """train.py's flag values that no run can use together, each refused by argparse with the flags' names (status 2).
+    Each flag's own domain is declared beside it (flags.py) and argparse has checked it already."""
     from losses import METHODS
-    if rule and not 0 <= rule.alpha <= 1:
-        parser.error(f"--alpha {rule.alpha} must lie in [0, 1] (the weight of the policy in the reference update)")
-    if rule and rule.tau < 1:
-        parser.error(f"--tau {rule.tau} must be at least 1 (the reference is updated every tau optimizer steps)")
     for other, (_, _, flags) in METHODS.items():  # a loss's own option given to another method
-        for name, (default, _) in flags.items():
+        for name, (default, _, _) in flags.items():
             if other != method and getattr(args, name) != default:
                 parser.error(f"--{name} is an option of --method {other} and tr_{other}, not of {args.method}")
     if args.ipo_average and method != "ipo":
         parser.error(f"--ipo_average is an option of --method ipo and tr_ipo, not of {args.method}")
-    if args.beta <= 0:
-        parser.error(f"--beta {args.beta} must be positive")
-    if args.max_steps is not None and args.max_steps < 1:
-        parser.error(f"--max_steps {args.max_steps} must be at least 1 (leave it out to train for --epochs)")
+    if method == "kto" and args.kto_lambda_d == args.kto_lambda_u == 0:
+        parser.error("--kto_lambda_d and --kto_lambda_u are both 0: the loss would be 0 and nothing would train")
     if method == "kto" and args.batch_size < 2:
         parser.error("KTO estimates its KL on mismatched pairs, each prompt with the next pair's completions: "
                      "--batch_size must be at least 2")
+    if args.max_prompt_length >= args.max_length:
+        parser.error(f"--max_prompt_length {args.max_prompt_length} must be less than --max_length {args.max_length}")
 
 
 class StopSignals:

@@ -10,6 +10,8 @@ In TR-DPO / TR-IPO / TR-KTO the losses are exactly these; only the reference tha
 import torch
 import torch.nn.functional as F
 
+from flags import at_least, in_range
+
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
              label_smoothing=0.0):
@@ -55,11 +57,14 @@ def kto_loss(policy_logps, ref_logps, desirable, kl, beta, kto_lambda_d=1.0, kto
 
 # --method: each loss, whether it trains on pairs (called with the four log-prob tensors of B pairs) or on unpaired
 # examples (KTO: chosen desirable, rejected undesirable, and the KL estimate), and its own flags, {name: (default,
-# help)}: train.py offers each as --name for this method (and its TR form) and passes it to the loss by name.
+# domain, help)}: train.py offers each as --name for this method (and its TR form), refusing values outside its domain
+# (flags.py), and passes it to the loss by name.
 METHODS = {
-    "dpo": (dpo_loss, "paired", {"label_smoothing": (0.0, "conservative DPO (Mitchell 2023): the probability eps "
-                                                          "that a pair's preference is flipped; 0 = plain DPO")}),
+    "dpo": (dpo_loss, "paired", {"label_smoothing": (0.0, in_range(0.0, 0.5, high_open=True), "conservative DPO "
+                                 "(Mitchell 2023): the probability eps, in [0, 0.5), that a pair's preference is "
+                                 "flipped; 0 = plain DPO")}),
     "ipo": (ipo_loss, "paired", {}),
-    "kto": (kto_loss, "unpaired", {"kto_lambda_d": (1.0, "KTO weight of desirable (chosen) examples"),
-                                   "kto_lambda_u": (1.0, "KTO weight of undesirable (rejected) examples")}),
+    "kto": (kto_loss, "unpaired", {"kto_lambda_d": (1.0, at_least(0.0), "KTO weight of desirable (chosen) examples"),
+                                   "kto_lambda_u": (1.0, at_least(0.0), "KTO weight of undesirable (rejected) "
+                                                    "examples")}),
 }

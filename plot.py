@@ -29,6 +29,7 @@ import json
 import math
 import os
 
+from flags import text
 from guards import UserError, report_user_errors
 from metrics import METRICS
 from ref_update import Rule
@@ -230,8 +231,10 @@ def quality_vs_kl(results, out):
 if __name__ == "__main__":
     report_user_errors()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", help="train.py output folders (each with args.json and metrics.jsonl)")
-    p.add_argument("--out", default=None, help="the PNG to write (default: RUN/curves.png for the first run)")
+    p.add_argument("runs", nargs="+", type=text("run folders"), help="train.py output folders (each with args.json "
+                   "and metrics.jsonl)")
+    p.add_argument("--out", type=text("a figure"), default=None, help="the PNG to write (default: RUN/curves.png for "
+                   "the first run)")
     a = p.parse_args()
     if a.out and os.path.splitext(a.out)[1].lower() not in FIGURE_TYPES:
         p.error(f"--out {a.out}: the figure's type comes from its extension, one of {' '.join(FIGURE_TYPES)}")

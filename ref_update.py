@@ -13,10 +13,11 @@ One rule, two readings. Every `tau` optimizer steps the reference is mixed towar
 Naming trap: in RL code (cleanrl, DDPG) `tau` is the mixing weight; in this paper `tau` is the period and `alpha`
 the weight. alpha is the weight of the *policy*.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from flags import at_least, in_range
 from fsdp import local_shard
 
 
@@ -46,14 +47,41 @@ def update_reference(reference, policy, alpha):
 
 @dataclass(frozen=True)
 class Rule:
-    """A TR run's rule: when the reference moves, with what weight, and how to say it. train.py, plot.py and
-    evaluate.py all read it from here; a new rule (say, alpha decaying over the run) is a change to this class."""
+    """A TR run's rule: its flags, when the reference moves, with what weight, and how to say it. train.py, plot.py
+    and evaluate.py all read it from here; a new rule (say, alpha decaying over the run) is a change to this class."""
     alpha: float  # the policy's weight in each update
     tau: int  # the period, in optimizer steps
+    horizon: int = None  # the run's length in optimizer steps, once known (train.py: after the data is read)
+
+    FLAGS = ("alpha", "tau")  # train.py's flags that belong to the rule (add_flags); only the TR methods take them
+
+    @staticmethod
+    def add_flags(parser):
+        """The rule's flags, each with its domain (flags.py). One that makes the rule depend on the run's length
+        (say, alpha decaying over the run) is marked with flags.run_length: a resume may then not change its length."""
+        parser.add_argument("--alpha", type=in_range(0.0, 1.0), default=None, help="TR: the policy's weight in each "
+                            "reference update, in [0, 1]. Alone: the soft update, read as every step (tau 1; the paper "
+                            "leaves it open). With --tau: a mix every tau steps (TRL's reading)")
+        parser.add_argument("--tau", type=at_least(1), default=None, help="TR: update the reference every tau "
+                            "optimizer steps. Alone: the paper's hard update, a copy (alpha 1). Neither flag: --tau "
+                            "16, sized for the demo (the paper: 512)")
+
+    @staticmethod
+    def of_args(parser, args):
+        """The rule train.py's flags ask for, or None where the method's reference never moves (not a TR method),
+        which refuses the rule's flags."""
+        if args.method.startswith("tr_"):
+            return Rule.of_flags(args.alpha, args.tau)
+        given = [f"--{name}" for name in Rule.FLAGS if getattr(args, name) != parser.get_default(name)]
+        if given:
+            tr = [m for a in parser._actions if a.dest == "method" for m in a.choices or () if m.startswith("tr_")]
+            parser.error(f"{'/'.join(given)} move the reference, which only the TR methods do ({', '.join(tr)}), not "
+                         f"--method {args.method}")
+        return None
 
     @staticmethod
     def of_flags(alpha, tau):
-        """The rule train.py's --alpha and --tau ask for (None where a flag is not given)."""
+        """The rule --alpha and --tau ask for (None where a flag is not given)."""
         if alpha is None and tau is None:
             return Rule(alpha=1.0, tau=16)  # a hard copy every 16 steps, sized for the demo (the paper's runs: 512)
         if tau is None:
@@ -62,10 +90,21 @@ class Rule:
             return Rule(alpha=1.0, tau=tau)  # --tau alone: the paper's hard update, a copy every tau steps
         return Rule(alpha=alpha, tau=tau)  # both: TRL's reading, a mix every tau steps
 
+    def over(self, steps):
+        """The same rule, for a run of `steps` optimizer steps."""
+        return replace(self, horizon=steps)
+
+    def in_force(self):
+        """What args.json keeps of the rule as it runs (its flags' values after the readings above)."""
+        return {name: getattr(self, name) for name in Rule.FLAGS}
+
     @staticmethod
     def of_run(run):
-        """The rule a run trained with (its args.json: alpha and tau as in force), or None for a vanilla method."""
-        return Rule(run["alpha"], run["tau"]) if run["method"].startswith("tr_") else None
+        """The rule a run trained with (its args.json: the rule's flags as in force, and max_steps), or None for a
+        vanilla method."""
+        if not run["method"].startswith("tr_"):
+            return None
+        return Rule(**{name: run[name] for name in Rule.FLAGS}, horizon=run.get("max_steps"))
 
     def due(self, step):
         return should_update(step, self.tau)
@@ -76,15 +115,20 @@ class Rule:
 
     @property
     def mixes(self):
-        """Whether an update is ever a mix rather than a copy (a mix needs an fp32 reference)."""
+        """Whether an update is ever a mix rather than a copy: a mix needs an fp32 reference (a bf16 lerp stalls)."""
         return self.alpha != 1
 
-    def moves(self, steps):
-        """Whether the reference moves at all in a run of `steps` optimizer steps (else the run is the vanilla one)."""
-        return self.alpha > 0 and steps >= self.tau
+    def moves(self):
+        """Whether the reference moves at all over the run (else the run is the vanilla one), and if not, why."""
+        if self.alpha == 0:
+            return False, "alpha is 0"
+        if self.horizon < self.tau:
+            return False, f"{self.horizon} steps < tau {self.tau}"
+        return True, ""
 
     @property
     def label(self):
+        """The rule in a few words, for a run's name in plot.py's and evaluate.py's legends."""
         return (f"soft, alpha {self.alpha:g} every step" if self.tau == 1 and self.mixes else
                 f"hard copy every {self.tau}" if not self.mixes else f"alpha {self.alpha:g} every {self.tau}")
 

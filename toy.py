@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from flags import at_least, positive, text
 from guards import report_user_errors
 from losses import dpo_loss, ipo_loss, kto_loss
 from plot import FIGURE_TYPES
@@ -196,25 +197,21 @@ def table_row(method, alpha, tau, history):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seed", type=int, default=0, help="draws the SFT data and the pairs; training is deterministic")
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--seed", type=at_least(0), default=0, help="draws the SFT data and the pairs; training is "
+                   "deterministic")
+    p.add_argument("--steps", type=at_least(1), default=1000)
     # Adam moves each logit by at most ~lr per step: 0.05 x 1000 steps allows tens of nats, enough to saturate
     # vanilla DPO, while one step stays small next to the O(1) SFT logits. Chosen once, not tuned on the outcome.
     # The network's weights are O(1) and all shared: 0.01 (chosen once, as 0.05 was, not tuned on the outcome)
-    p.add_argument("--lr", type=float, default=None, help="default 0.05 for the table, 0.01 for the network")
+    p.add_argument("--lr", type=positive(), default=None, help="default 0.05 for the table, 0.01 for the network")
     # 0.1: the beta of DPO and of the TR paper's DPO/KTO runs; for IPO it targets a margin 1/(2 beta) = 5 nats
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--width", type=int, default=0, help="0: the tabular policy; W: NeuralPolicy of width W")
+    p.add_argument("--beta", type=positive(), default=0.1)
+    p.add_argument("--width", type=at_least(0, zero="the tabular policy"), default=0, help="0: the tabular policy; W: "
+                   "NeuralPolicy of width W")
     p.add_argument("--sweep", action="store_true", help="NeuralPolicy, widths 2/4/8 x seeds 0-3: outcome counts")
-    p.add_argument("--out", default="toy.png")
+    p.add_argument("--out", type=text("a figure"), default="toy.png")
     args = p.parse_args()
     report_user_errors()
-    for flag, least in (("steps", 1), ("width", 0)):
-        if getattr(args, flag) < least:
-            p.error(f"--{flag} {getattr(args, flag)} must be at least {least}")
-    for flag in ("lr", "beta"):
-        if getattr(args, flag) is not None and not getattr(args, flag) > 0:
-            p.error(f"--{flag} {getattr(args, flag)} must be positive")
     if os.path.splitext(args.out)[1].lower() not in FIGURE_TYPES:
         p.error(f"--out {args.out}: the figure's type comes from its extension, one of {' '.join(FIGURE_TYPES)}")
     torch.set_num_threads(1)  # 84 numbers: thread start-up costs more than the math (20x slower on a busy 2-core box)

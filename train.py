@@ -26,6 +26,7 @@ import fsdp
 import guards
 import memory
 from data import Batches, collate, fingerprint, held_out_batches, to_device, tokenize
+from flags import at_least, positive, run_length, text
 from losses import METHODS
 from locate import DEFAULT_MODEL, locate
 from model import load_model, load_tokenizer, sequence_logps
@@ -36,62 +37,69 @@ from sources import DataError, load_splits, skips_bad_rows
 # arguments: the defaults run the built-in demo; the README gives the paper's settings
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--method", default="tr_dpo", choices=["sft", *METHODS, *(f"tr_{m}" for m in METHODS)])
-p.add_argument("--beta", type=float, default=0.1, help="KL strength of DPO/IPO/KTO (IPO's tau)")
-p.add_argument("--alpha", type=float, default=None, help="TR: the policy's weight in each reference update. Alone: "
-               "the soft update, read as every step (tau 1; the paper leaves it open). With --tau: a mix every tau "
-               "steps (TRL's reading)")
-p.add_argument("--tau", type=int, default=None, help="TR: update the reference every tau optimizer steps. Alone: the "
-               "paper's hard update, a copy (alpha 1). Neither flag: --tau 16, sized for the demo (the paper: 512)")
+p.add_argument("--beta", type=positive(), default=0.1, help="KL strength of DPO/IPO/KTO (IPO's tau)")
+Rule.add_flags(p)  # --alpha, --tau: the reference rule's own flags (ref_update.py)
 p.add_argument("--ipo_average", action="store_true", help="IPO on per-token mean log-probs (TRL) instead of sums")
 for method_flags in (flags for _, _, flags in METHODS.values()):  # each loss's own options (losses.METHODS)
-    for name, (default, text) in method_flags.items():
-        p.add_argument(f"--{name}", type=type(default), default=default, help=text)
-p.add_argument("--model", default=DEFAULT_MODEL, help="HF id, local folder, config.json, or the built-in default")
-p.add_argument("--dataset", default="demo", help="demo | hh | tldr | ultrafeedback | PATH.jsonl")
-p.add_argument("--data_dir", default=None, help="an offline copy of the hh/tldr/ultrafeedback hub repository (a folder "
-               "in the hub's layout), read instead of the hub")
-p.add_argument("--max_length", type=int, default=512, help="tokens of prompt + completion")
-p.add_argument("--max_prompt_length", type=int, default=256, help="prompt tokens kept when a pair must be cut")
-p.add_argument("--lr", type=float, default=1e-5)
-p.add_argument("--warmup_steps", type=int, default=5, help="linear warm-up from 0, as transformers' schedules")
-p.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"], help="after warm-up")
-p.add_argument("--weight_decay", type=float, default=0.0)
-p.add_argument("--max_grad_norm", type=float, default=2.0)
-p.add_argument("--batch_size", type=int, default=8, help="pairs per optimizer step, over all processes")
-p.add_argument("--micro_batch_size", type=int, default=4, help="pairs per process per forward pass")
+    for name, (default, domain, meaning) in method_flags.items():
+        p.add_argument(f"--{name}", type=domain, default=default, help=meaning)
+p.add_argument("--model", type=text("a model"), default=DEFAULT_MODEL, help="HF id, local folder, config.json, or "
+               "the built-in default")
+p.add_argument("--dataset", type=text("a data set"), default="demo", help="demo | hh | tldr | ultrafeedback | "
+               "PATH.jsonl")
+p.add_argument("--data_dir", type=text("a folder"), default=None, help="an offline copy of the hh/tldr/ultrafeedback "
+               "hub repository (a folder in the hub's layout), read instead of the hub")
+p.add_argument("--max_length", type=at_least(2), default=512, help="tokens of prompt + completion")
+p.add_argument("--max_prompt_length", type=at_least(1), default=256, help="prompt tokens kept when a pair must be cut "
+               "(less than --max_length)")
+p.add_argument("--lr", type=positive(), default=1e-5)
+p.add_argument("--warmup_steps", type=at_least(0), default=5, help="linear warm-up from 0, as transformers' schedules")
+run_length(p.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"],
+                          help="after warm-up"), when=lambda schedule: schedule != "constant")  # decays over the run
+p.add_argument("--weight_decay", type=at_least(0.0), default=0.0)
+p.add_argument("--max_grad_norm", type=at_least(0.0, zero="no clipping"), default=2.0,
+               help="clip the gradient's norm to this; 0 = no clipping (as transformers' Trainer)")
+p.add_argument("--batch_size", type=at_least(1), default=8, help="pairs per optimizer step, over all processes")
+p.add_argument("--micro_batch_size", type=at_least(1), default=4, help="pairs per process per forward pass")
 p.add_argument("--group_by_length", action="store_true", help="batch pairs of similar length (less padding)")
-p.add_argument("--epochs", type=int, default=1, help="passes over the training pairs (unless --max_steps)")
-p.add_argument("--max_steps", type=int, default=None, help="optimizer steps (default: as many as --epochs give)")
-p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="autocast; auto = bf16 on CUDA")
+p.add_argument("--epochs", type=at_least(1), default=1, help="passes over the training pairs (unless --max_steps)")
+p.add_argument("--max_steps", type=at_least(1), default=None, help="optimizer steps (default: as many as --epochs "
+               "give)")
+p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="autocast; auto = bf16 on CUDA where "
+               "supported (the run keeps the one in force: a resume must find the same)")
 p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing of the policy (not the reference)")
 p.add_argument("--fsdp", action="store_true", help="shard policy and reference with FSDP2 instead of replicating (DDP)")
-p.add_argument("--seed", type=int, default=0)
-p.add_argument("--out_dir", default=None, help="where checkpoints and metrics go (default: out/METHOD-DATASET)")
+p.add_argument("--seed", type=at_least(0), default=0)
+p.add_argument("--out_dir", type=text("a folder"), default=None, help="where checkpoints and metrics go (default: "
+               "out/METHOD-DATASET)")
 p.add_argument("--overwrite", action="store_true", help="replace the run already in --out_dir")
 p.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its latest checkpoint; only "
-               f"these flags may differ from the run's: {', '.join(checkpoint.MAY_CHANGE)}, and --max_steps under "
-               "--schedule constant")
-p.add_argument("--log_interval", type=int, default=4, help="optimizer steps between log lines (and step 1)")
-p.add_argument("--eval_interval", type=int, default=20, help="optimizer steps between evaluations on held-out pairs")
-p.add_argument("--eval_pairs", type=int, default=64, help="held-out pairs for eval and drift from SFT; 0 = no eval")
-p.add_argument("--save_interval", type=int, default=0, help="optimizer steps between checkpoints; 0 = only at the end")
+               f"these flags may differ from the run's: {', '.join(checkpoint.MAY_CHANGE)}; --max_steps not where "
+               "a flag ties the run to its length (e.g. a decaying --schedule)")
+p.add_argument("--log_interval", type=at_least(0, zero="the first and last step only"), default=4,
+               help="optimizer steps between log lines (and step 1); 0 = the first and last step only")
+p.add_argument("--eval_interval", type=at_least(0, zero="at the end only"), default=20,
+               help="optimizer steps between evaluations on held-out pairs; 0 = at the end only")
+p.add_argument("--eval_pairs", type=at_least(0, zero="no eval"), default=64, help="held-out pairs for eval and drift "
+               "from SFT; 0 = no eval")
+p.add_argument("--save_interval", type=at_least(0, zero="at the end only"), default=0,
+               help="optimizer steps between checkpoints; 0 = only at the end")
 p.add_argument("--skip_bad_rows", action="store_true", help="leave bad rows of a JSONL file (malformed, or refused "
                "by the chat template) out, counted, instead of stopping; the hub sets always do")
-p.add_argument("--skip_nonfinite", type=int, default=0, help="skip up to N steps whose loss or gradient is NaN/inf "
-               "(counted); 0 = stop at the first, saving the last good state")
-p.add_argument("--dist_timeout", type=int, default=1800, help="seconds a collective may wait for a rank that hangs")
-p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases (imported only then)")
+p.add_argument("--skip_nonfinite", type=at_least(0, zero="stop at the first"), default=0, help="skip up to N steps "
+               "whose loss or gradient is NaN/inf (counted); 0 = stop at the first, saving the last good state")
+p.add_argument("--dist_timeout", type=at_least(1), default=1800, help="seconds a collective may wait for a rank that "
+               "hangs")
+p.add_argument("--wandb", type=text("a project name"), default=None, metavar="PROJECT", help="also log to Weights & "
+               "Biases (imported only then)")
 args = p.parse_args()
 guards.report_user_errors()  # bad data, models or checkpoints: one sentence on stderr, not a traceback
 
 # the method, parsed once: its loss (losses.METHODS), and the reference rule (ref_update.Rule), or None if it is fixed
 method = args.method.removeprefix("tr_")
 loss_fn, pairing, own_flags = METHODS.get(method, (None, None, {}))
-rule = Rule.of_flags(args.alpha, args.tau) if args.method.startswith("tr_") else None  # None: it never moves
-if not rule and (args.alpha is not None or args.tau is not None):
-    tr = ", ".join(f"tr_{m}" for m in METHODS)
-    p.error(f"--alpha/--tau move the reference, which only the TR methods do ({tr}), not --method {args.method}")
-guards.check_flags(p, args, method, rule)  # values no run can use: refused now, before anything loads
+rule = Rule.of_args(p, args)  # None: the reference never moves
+guards.check_flags(p, args, method)  # values no run can use together: refused now, before anything loads
 out_dir = args.out_dir or os.path.join("out", f"{args.method}-{os.path.basename(args.dataset).removesuffix('.jsonl')}")
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -142,15 +150,19 @@ batches = Batches(train_set, args.batch_size, args.micro_batch_size, rank, world
 if batches.per_epoch == 0:
     raise DataError(f"{len(train_set)} training pairs cannot fill one batch of --batch_size {args.batch_size}")
 max_steps = args.max_steps or args.epochs * batches.per_epoch
-run = {**vars(args), "alpha": rule and rule.alpha, "tau": rule and rule.tau, "max_steps": max_steps}  # as in force
+rule = rule and rule.over(max_steps)  # the rule knows the run's length from here on
+run = {**vars(args), **(rule.in_force() if rule else dict.fromkeys(Rule.FLAGS)), "max_steps": max_steps,
+       "dtype": "bf16" if use_bf16 else "fp32"}  # as in force: what --dtype auto, --alpha, --tau chose here
 data_sha256 = fingerprint(train_set + eval_set)  # the pairs themselves: a resume must train and evaluate on them
 if state:  # a resume continues the same run, on the same pairs, or stops here, before any model loads
-    checkpoint.check_resume(state, run, vars(p.parse_args([])), data_sha256, resume_from)
+    checkpoint.check_resume(state, run, p, data_sha256, resume_from)
     if state["step"] >= max_steps:
         log(f"{out_dir} is complete: step {state['step']} of {max_steps}; nothing to do")
         guards.finish()
-if rule and not rule.moves(max_steps):  # say it now, not after hours of training
-    why = "alpha is 0" if rule.alpha == 0 else f"{max_steps} steps < tau {rule.tau}"
+if args.warmup_steps >= max_steps:
+    log(f"warning: --warmup_steps {args.warmup_steps} >= the run's {max_steps} steps: the lr never reaches --lr")
+moves, why = rule.moves() if rule else (True, "")
+if not moves:  # say it now, not after hours of training
     log(f"warning: the reference will never move ({why}): this run is vanilla {method.upper()}, not "
         f"{args.method.upper().replace('_', '-')}")
 
@@ -353,7 +365,7 @@ while step < max_steps:
         if step == start_step and i == 0 and grad_accum > 1:  # mid-accumulation: are gradients still sharded/views?
             report_memory("after the first backward", policy_raw, reference, optimizer, ddp)
         step_sums = {k: step_sums.get(k, 0) + v.double() for k, v in metric_sums.items()}
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)  # the same on every rank
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm or math.inf)  # 0: the norm only
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
     totals = sum_over_ranks(step_sums, {"tokens": sum(b["tokens"] for b in micro_batches), "stop": stop.requested},
                             grad_norm)
@@ -370,7 +382,7 @@ while step < max_steps:
     step += 1
     bar.update(1)
     since_log = {k: since_log.get(k, 0.0) + v for k, v in totals.items()}
-    if step % args.eval_interval == 0 or step == max_steps:  # against the reference this step trained with
+    if step % (args.eval_interval or max_steps) == 0 or step == max_steps:  # against the reference it trained with
         eval_start = time.time()
         held_out = held_out_metrics()
         t0 += time.time() - eval_start  # tokens/s counts training time only
@@ -382,7 +394,7 @@ while step < max_steps:
         if rule.tau > 1:  # (every step with tau 1: the log lines' ref_updates count them)
             log(f"step {step}: reference updated ({ref_updates} so far): " +
                 ("a copy of the policy" if not rule.mixes else f"alpha {rule.weight(step):g}"))
-    if step % args.log_interval == 0 or step in (1, max_steps):  # means since the last line, over all ranks
+    if step % (args.log_interval or max_steps) == 0 or step in (1, max_steps):  # means since the last line, all ranks
         n, tokens, grad_norms = step - logged_step, since_log.pop("tokens"), since_log.pop("grad_norm")
         record = {"step": step, **{k: v / (n * args.batch_size) for k, v in since_log.items() if k != "stop"},
                   "grad_norm": grad_norms / n, "lr": lr, "tokens_per_s": tokens / (time.time() - t0),

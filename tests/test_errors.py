@@ -113,7 +113,7 @@ TRAIN = [  # (argv, status, the words the message must hold)
     (["--model", "{root}/no_tokenizer"], 1, ["--model {root}/no_tokenizer has no tokenizer", "save_pretrained"]),
     (["--model", "{run}"], 1, ["--model {run} is a train.py run folder, not a checkpoint", "{run}/step_000002"]),
     (["--model", "{root}/empty"], 1, ["is a folder but not a model folder", "config.json and weights"]),
-    (["--beta", "0"], 2, ["--beta 0.0 must be positive"]),
+    (["--beta", "0"], 2, ["argument --beta: 0 must be positive"]),
 ]
 
 
@@ -133,11 +133,13 @@ EVALUATE = [
     (["{tiny}", "--baseline", "{tiny}", "--judge", "llm:{closed}/v1"], 1,
      ["--judge llm:{closed}/v1: the endpoint cannot be reached", "Connection refused"]),
     (["{tiny}", "--baseline", "{tiny}", "--prompts", "hh"], 1, ["--judge gold knows only the demo tasks"]),
-    (["{tiny}", "--baseline", "{tiny}", "--n_prompts", "0"], 2, ["--n_prompts 0 must be at least 1"]),
-    (["{tiny}", "--baseline", "{tiny}", "--n_pairs", "-1"], 2, ["--n_pairs -1 must be 0"]),
-    (["{tiny}", "--baseline", "{tiny}", "--max_new_tokens", "0"], 2, ["--max_new_tokens 0 must be at least 1"]),
-    (["{tiny}", "--baseline", "{tiny}", "--batch_size", "0"], 2, ["--batch_size 0 must be at least 1"]),
-    (["{tiny}", "--baseline", "{tiny}", "--temperature", "-1"], 2, ["--temperature -1.0 must be 0 (greedy)"]),
+    (["{tiny}", "--baseline", "{tiny}", "--n_prompts", "0"], 2, ["argument --n_prompts: 0 must be at least 1"]),
+    (["{tiny}", "--baseline", "{tiny}", "--n_pairs", "-1"], 2, ["argument --n_pairs: -1 must be at least 0 (0: none)"]),
+    (["{tiny}", "--baseline", "{tiny}", "--max_new_tokens", "0"], 2,
+     ["argument --max_new_tokens: 0 must be at least 1"]),
+    (["{tiny}", "--baseline", "{tiny}", "--batch_size", "0"], 2, ["argument --batch_size: 0 must be at least 1"]),
+    (["{tiny}", "--baseline", "{tiny}", "--temperature", "-1"], 2,
+     ["argument --temperature: -1 must be at least 0 (0: greedy)"]),
     (["{tiny}", "--baseline", "{tiny}", "--judge", "rm:"], 2, ["--judge 'rm:': expected gold, rm:MODEL or llm:URL"]),
     (["{tiny}", "--baseline", "{tiny}", "--max_length", "64", "--max_prompt_length", "64"], 2,
      ["--max_prompt_length 64 must be less than --max_length 64"]),
@@ -155,8 +157,8 @@ DATA = [
     (["demo", "--model", "/no/such/dir"], 1, ["--model /no/such/dir: no such file or folder"]),
     (["demo", "--model", HUB_ID], 1, [f"--model {HUB_ID}: the hub cannot be reached", "pass --model DIR"]),
     (["/no/such.jsonl", "--model", "{tiny}"], 1, ["/no/such.jsonl: no such file"]),
-    (["demo", "--max_prompt_length", "600"], 2, ["--max_prompt_length 600 must be between 0 and --max_length 512"]),
-    (["demo", "--batch_size", "0"], 2, ["--batch_size 0 must be at least 1"]),
+    (["demo", "--max_prompt_length", "600"], 2, ["--max_prompt_length 600 must be less than --max_length 512"]),
+    (["demo", "--batch_size", "0"], 2, ["argument --batch_size: 0 must be at least 1"]),
     (["demo", "--split", "dev"], 2, ["--split: invalid choice: 'dev'"]),
 ]
 
@@ -181,11 +183,11 @@ def test_plot_py(argv, status, words, world, monkeypatch, capsys):
 
 
 TOY = [
-    (["--steps", "-1"], 2, ["--steps -1 must be at least 1"]),
-    (["--steps", "0"], 2, ["--steps 0 must be at least 1"]),
-    (["--width", "-2"], 2, ["--width -2 must be at least 0"]),
-    (["--lr", "0"], 2, ["--lr 0.0 must be positive"]),
-    (["--beta", "-1"], 2, ["--beta -1.0 must be positive"]),
+    (["--steps", "-1"], 2, ["argument --steps: -1 must be at least 1"]),
+    (["--steps", "0"], 2, ["argument --steps: 0 must be at least 1"]),
+    (["--width", "-2"], 2, ["argument --width: -2 must be at least 0"]),
+    (["--lr", "0"], 2, ["argument --lr: 0 must be positive"]),
+    (["--beta", "-1"], 2, ["argument --beta: -1 must be positive"]),
     (["--out", "toy.txt"], 2, ["--out toy.txt: the figure's type comes from its extension, one of .png"]),
 ]
 
@@ -196,11 +198,11 @@ def test_toy_py(argv, status, words, world, monkeypatch, capsys):
 
 
 BENCH = [
-    (["--steps", "0"], 2, ["--steps 0 must be at least 1"]),
+    (["--steps", "0"], 2, ["argument --steps: 0 must be at least 1"]),
     (["--tiny", "--hidden_size", "30"], 2, ["--hidden_size 30 must be a multiple of --num_heads 4"]),
-    (["--vocab_size", "1"], 2, ["--vocab_size 1 must be at least 2"]),
-    (["--alpha", "2"], 2, ["--alpha 2.0 must lie in [0, 1]"]),
-    (["--lr", "-1"], 2, ["--lr -1.0 must be positive"]),
+    (["--vocab_size", "1"], 2, ["argument --vocab_size: 1 must be at least 2"]),
+    (["--alpha", "2"], 2, ["argument --alpha: 2 must be in [0, 1]"]),
+    (["--lr", "-1"], 2, ["argument --lr: -1 must be positive"]),
     (["--config", "README.md"], 2, ["--config README.md: expected a config .json file"]),
     (["--config", "/no/such.json"], 2, ["--config /no/such.json: expected a config .json file", "no such file"]),
     (["--config", "{root}/bad.json"], 1, ["--config {root}/bad.json (taken for a config .json, for a random init) "
@@ -221,7 +223,7 @@ PROCESSES = {
     "evaluate.py": (["out/RUN/step_000001", "--baseline", "{tiny}"], 1, ["checkpoint out/RUN/step_000001: no such"]),
     "data.py": (["demo", "--model", "/no/such/dir"], 1, ["--model /no/such/dir: no such file or folder"]),
     "plot.py": (["{root}/empty"], 1, ["has no args.json"]),
-    "toy.py": (["--steps", "-1"], 2, ["--steps -1 must be at least 1"]),
+    "toy.py": (["--steps", "-1"], 2, ["argument --steps: -1 must be at least 1"]),
     "bench.py": (["--config", "{root}/bad.json"], 1, ["cannot be read"]),
 }
 

