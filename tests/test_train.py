@@ -391,9 +391,9 @@ def test_wandb_with_resume_continues_the_same_wandb_run(tmp_path):
     records = wandb_records(tmp_path)
     runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert len(runs) == 2 and runs[0].run_id == runs[1].run_id, [r.run_id for r in runs]
-    history = [{i.key: json.loads(i.value_json) for i in r.history.item} for r in records
+    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item} for r in records
                if r.WhichOneof("record_type") == "history"]
-    assert [(h["step"], h["loss"]) for h in history] == [(r["step"], r["loss"]) for r in
+    assert [(h["step"], h["loss"]) for h in history if "step" in h] == [(r["step"], r["loss"]) for r in
                                                           map(json.loads, open(tmp_path / "metrics.jsonl"))]
 
 
@@ -416,8 +416,15 @@ def test_the_sft_loss_is_the_mean_nll_over_every_completion_token_of_the_global_
     from data import Batches, tokenize
     from model import load_model
     from sources import load_splits
-    records, _ = train(tmp_path, "--method", "sft", "--max_steps", "1", nproc=nproc)  # 2 micro-batches or 2 ranks
-    train_set = tokenize(load_splits(PAIRS, 8, log=lambda m: None)[0], chat_tokenizer, 64, 48, log=lambda m: None)
+    rows = [json.loads(line) for line in open(PAIRS)]
+    for i, row in enumerate(rows):  # answers of 3 to 9 tokens: the pairs' own are all 3
+        row["chosen"] += ", I am sure" * (i % 3)
+    dataset = tmp_path / "lengths.jsonl"
+    dataset.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    records, _ = train(tmp_path / "run", "--method", "sft", "--max_steps", "1", "--dataset", dataset,
+                       nproc=nproc)  # 2 micro-batches or 2 ranks
+    train_set = tokenize(load_splits(str(dataset), 8, log=lambda m: None)[0], chat_tokenizer, 64, 48,
+                         log=lambda m: None)
     pairs = [pair for pair, _ in Batches(train_set, 4, 4)(0)[0]]  # global batch 0, as one micro-batch
     model = load_model(TINY).double()  # train.py's init (seed 0)
     nll = float64_nll(model, pairs)
