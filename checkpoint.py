@@ -102,6 +102,7 @@ def prepare_out_dir(out_dir, resume, overwrite):
 
 
 def run_files(out_dir):
+    """What a run wrote into out_dir (RUN_FILES), sorted."""
     return sorted(p for pattern in RUN_FILES for p in glob.glob(os.path.join(out_dir, pattern)))
 
 
