@@ -1,12 +1,12 @@
 """Checkpoints: one folder per saved step, written whole or not at all, and resumed only into the same run.
 
     out_dir/args.json            the run's arguments (alpha, tau and max_steps as in force)
-    out_dir/metrics.jsonl        one line per log step
-    out_dir/memory.json          bytes each rank holds (memory.py)
+    out_dir/metrics.jsonl        one line per log step, and one before every checkpoint (the steps since the last)
+    out_dir/memory.json          bytes each rank holds (memory.py), each resumed process's too
     out_dir/step_NNNNNN/policy/  a plain Hugging Face model folder: from_pretrained(...) it, or pass it as --model
     out_dir/step_NNNNNN/state.pt the moved reference, the optimizer, the counters (step, reference updates, skipped
-                                 steps), a hash of the training pairs and the run's arguments (one process or DDP:
-                                 every rank holds them all, so rank 0 writes)
+                                 steps), a hash of the training pairs, the run's arguments and its W&B run's id (one
+                                 process or DDP: every rank holds them all, so rank 0 writes)
     out_dir/step_NNNNNN/sharded/ with --fsdp: policy, reference and optimizer as torch.distributed.checkpoint shards,
                                  each rank writing its own; --resume re-shards them for any number of processes
 
@@ -40,15 +40,23 @@ LENGTH = ("max_steps",)  # the run's length as in force: what a flag marked flag
 
 class Metrics:
     """The run's log records: a line each in out_dir/metrics.jsonl, and with --wandb PROJECT to Weights & Biases too
-    (imported only then; the run named after out_dir, its arguments as the config). Rank 0 writes."""
+    (imported only then; the run named after out_dir, its arguments as the config). Rank 0 writes. Resumed (`state`:
+    the checkpoint's progress), the file is cut back to the checkpoint's step, since the steps after it are trained
+    and logged again, and W&B continues the run whose id the checkpoint keeps (`wandb_id`)."""
 
-    def __init__(self, out_dir, run, wandb_project, master):
-        self.file = open(os.path.join(out_dir, "metrics.jsonl"), "a") if master else None
-        self.wandb = None
+    def __init__(self, out_dir, run, wandb_project, master, state=None):
+        path = os.path.join(out_dir, "metrics.jsonl")
+        self.wandb, self.wandb_id = None, state and state.get("wandb_id")
+        if master and state and os.path.exists(path):
+            kept = [line for line in open(path) if logged_by(line, state["step"])]
+            with open(path, "w") as f:
+                f.writelines(kept)
+        self.file = open(path, "a") if master else None
         if wandb_project and master:
             import wandb
             self.wandb = wandb.init(project=wandb_project, name=os.path.basename(os.path.normpath(out_dir)),
-                                    config=run, dir=out_dir)
+                                    config=run, dir=out_dir, id=self.wandb_id, resume=self.wandb_id and "allow")
+            self.wandb_id = self.wandb.id
 
     def write(self, record):
         if self.file:
@@ -64,30 +72,54 @@ class Metrics:
             self.wandb.finish()
 
 
+def logged_by(line, step):
+    """Whether a line of metrics.jsonl is a whole record of a step up to `step` (a hard kill can cut the last line)."""
+    try:
+        return json.loads(line)["step"] <= step and line.endswith("\n")
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
 def completed(out_dir):
     """The complete checkpoints in out_dir, oldest first (a crash leaves only step_N.tmp, never a half step_N)."""
     return sorted(d for d in glob.glob(os.path.join(out_dir, "step_*")) if not d.endswith(".tmp"))
 
 
-def prepare_out_dir(out_dir, resume, overwrite, master):
-    """Refuse to mix two runs in one folder. Returns the checkpoint to resume from, or None for a fresh run."""
-    if resume:
-        done = completed(out_dir)
-        if not done:
-            raise UserError(f"--resume found no complete checkpoint (step_*) in {out_dir}")
+def prepare_out_dir(out_dir, resume, overwrite):
+    """Refuse to mix two runs in one folder; delete nothing yet (`clear_out_dir` does, once every check has passed).
+    Returns the checkpoint to resume from, or None for a fresh run. `resume` "auto": the latest checkpoint if there
+    is one, else a fresh run that replaces what a start killed before its first checkpoint left (a requeue loop)."""
+    done = completed(out_dir) if resume else []
+    if done:
         return done[-1]
-    leftovers = sorted(p for pattern in RUN_FILES for p in glob.glob(os.path.join(out_dir, pattern)))
-    if leftovers and not overwrite:
+    if resume and resume != "auto":
+        raise UserError(f"--resume found no complete checkpoint (step_*) in {out_dir}; --resume auto starts the run "
+                        "where there is none")
+    leftovers = run_files(out_dir)
+    if leftovers and not (overwrite or resume):
         names = ", ".join(os.path.basename(p) for p in leftovers[:4])
         raise UserError(f"{out_dir} already holds a run ({names}). Continue it with --resume, replace it with "
                         "--overwrite, or choose another --out_dir.")
-    if dist.is_initialized():
-        dist.barrier()  # every rank has looked before rank 0 deletes anything
-    if master:
-        for path in leftovers:
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    os.makedirs(out_dir, exist_ok=True)
     return None
+
+
+def run_files(out_dir):
+    """What a run wrote into out_dir (RUN_FILES), sorted."""
+    return sorted(p for pattern in RUN_FILES for p in glob.glob(os.path.join(out_dir, pattern)))
+
+
+def clear_out_dir(out_dir, master):
+    """A fresh run's first write: delete what an old run left (prepare_out_dir allowed it: --overwrite, or --resume
+    auto without a checkpoint). Called only once the model, the data, the lengths and the batches have passed, so
+    that a run refused for any of them leaves the old run as it was."""
+    if dist.is_initialized():
+        dist.barrier()  # every rank is past its checks before rank 0 deletes anything
+    if master:
+        for path in run_files(out_dir):
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        os.makedirs(out_dir, exist_ok=True)
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def check_same_run(saved, current, parser, where):

@@ -334,10 +334,14 @@ class Batches:
             self.order = (epoch, order[: self.per_epoch * self.batch_size])
         return self.order[1]
 
+    def pairs(self, index):
+        """Every pair of global batch `index`, whatever the rank."""
+        epoch, i = divmod(index, self.per_epoch)
+        return [self.examples[j] for j in self.epoch_order(epoch)[i * self.batch_size: (i + 1) * self.batch_size]]
+
     def __call__(self, index):
         """This rank's micro-batches of global batch `index`: lists of (pair, its neighbour in the global batch)."""
-        epoch, i = divmod(index, self.per_epoch)
-        batch = [self.examples[j] for j in self.epoch_order(epoch)[i * self.batch_size: (i + 1) * self.batch_size]]
+        batch = self.pairs(index)
         mine = [(batch[k], batch[(k + 1) % len(batch)]) for k in range(self.rank, len(batch), self.world_size)]
         return [mine[m: m + self.micro_batch_size] for m in range(0, len(mine), self.micro_batch_size)]
 

@@ -7,10 +7,11 @@
 
 For each checkpoint: the win rate of its samples against the baseline's samples on the same held-out prompts (the
 judge is asked both orders; a tie or a disagreement between the orders counts one half), KL(pi || pi_SFT) estimated
-on the policy's own samples, the mean completion length, and the implicit-reward accuracy on held-out pairs. With the
-default temperature 1 the samples come from pi itself (a plain sampling loop: nothing of the model's generation_config
-applies), so the KL estimate is unbiased; it is the KL between the two models' distributions of completions cut at
---max_new_tokens (a sample ends at its first end-of-turn or EOS token, or after max_new_tokens).
+on the policy's own samples, the mean completion length, and the implicit-reward accuracy on held-out pairs (a tie
+counts one half). With the default temperature 1 the samples come from pi itself (a plain sampling loop: nothing of
+the model's generation_config applies), so the KL estimate is unbiased; it is the KL between the two models'
+distributions of completions cut at --max_new_tokens (a sample ends at its first end-of-turn or EOS token, or after
+max_new_tokens).
 Writes a table to stdout, one JSON per checkpoint, scored_rows.json (what was scored) and a PNG of quality against KL
 (one line per run): the paper's over-optimization plot.
 
@@ -482,6 +483,14 @@ def pair_logps(model, pair_batches):
         return [sequence_logps(model, batch).chunk(2) for batch in pair_batches]
 
 
+def reward_accuracy(policy_pairs, sft_pairs):
+    """The implicit-reward accuracy on held-out pairs, the SFT model as the reference: the share of pairs whose chosen
+    completion gained more log-prob than the rejected one. A tie (every pair's, when the policy is the SFT model)
+    counts one half, as in the win rate: no better than chance, not always wrong."""
+    margins = torch.cat([(pc - sc) - (pr - sr) for (pc, pr), (sc, sr) in zip(policy_pairs, sft_pairs)]).double()
+    return ((margins > 0).double() + 0.5 * (margins == 0).double()).mean().item()
+
+
 def evaluate(path, name, run, baseline, sft_model, prompts, prompt_ids, pair_batches, sft_pair_logps, judge, args,
              dtype, device):
     model, tokenizer = load_checkpoint(path, dtype)
@@ -506,10 +515,8 @@ def evaluate(path, name, run, baseline, sft_model, prompts, prompt_ids, pair_bat
     if args.judge.startswith("llm:"):  # this checkpoint's comparisons only: the judge's record is cleared above
         result["criteria"] = criteria_means(extra, enumerate(texts))
         result["baseline_criteria"] = criteria_means(extra, enumerate(baseline))
-    if pair_batches:  # implicit-reward accuracy on held-out pairs, with the SFT model as the reference
-        accurate = sum(((pc - sc) > (pr - sr)).sum().item()
-                       for (pc, pr), (sc, sr) in zip(pair_logps(model, pair_batches), sft_pair_logps))
-        result["reward_accuracy"] = accurate / sum(len(b["rows"]) for b in pair_batches)
+    if pair_batches:
+        result["reward_accuracy"] = reward_accuracy(pair_logps(model, pair_batches), sft_pair_logps)
     result["samples"] = [{"prompt": prompt_text(p), "completion": t, "baseline": b}
                          for p, t, b in zip(prompts[:20], texts[:20], baseline[:20])]
     return result

@@ -8,8 +8,11 @@ piece once, by name.
 - Stop signals (`StopSignals`): SIGTERM or Ctrl-C finishes the current optimizer step, saves and exits 0.
 - Non-finite steps (`check_finite`): never applied; the run stops with the rows that produced them, or skips them.
 - Replicas (`check_replicas`): DDP ranks must end bit-identical.
+- Rank 0 first (`rank_zero_first`): what rank 0 does before the others (loading the data, checking it) fails on
+  rank 0 alone, in one sentence; the other ranks then exit 1 without a word (not a gloo traceback each).
 - The exit (`finish`): around a gloo bug at interpreter shutdown.
 """
+import contextlib
 import hashlib
 import math
 import os
@@ -96,8 +99,11 @@ def check_finite(step, loss, grad_norm, places, skipped, limit, save, log):
     if skipped < limit:
         log(f"warning: skipped {message} ({skipped + 1} of at most {limit}, --skip_nonfinite)")
         return True
-    save()  # the weights are still those of the last good step
-    fail(f"non-finite {message}. Saved the last good state; lower --lr, check those rows, or pass --skip_nonfinite N.")
+    final = save()  # the weights are still those of the last good step
+    fail(f"non-finite {message}. Saved the last good state, {final}. Check those rows; then continue the run with "
+         "--resume --skip_nonfinite N (steps like this one skipped, their batches lost; a resume keeps --lr), or train "
+         f"with a lower --lr afresh from --model {final}/policy into another --out_dir (the reference, the optimizer "
+         "and the schedule start over, the reference from that policy, not from the SFT model).")
 
 
 def check_replicas(models, log):
@@ -113,13 +119,42 @@ def check_replicas(models, log):
     log(f"policy and reference sha256 {digests[0][:16]} identical on all {len(digests)} ranks")
 
 
-def finish():
-    """End the run: exit 0. A torchrun worker leaves without the interpreter's shutdown: a gloo worker thread can still
-    be releasing the last collective's tensors, which takes the GIL; once Python is shutting down that aborts the
-    process ("terminate called without an active exception", 1 run in 20 here). All is saved and closed by now."""
+@contextlib.contextmanager
+def rank_zero_first():
+    """Under torchrun, rank 0 runs the block first, then the other ranks (they read what rank 0 cached). If the block
+    raises on rank 0 (bad data, a refused resume), rank 0 says why and exits 1 first, so that torchrun reports it as
+    the root cause; the other ranks, told by a broadcast where they wait, exit 1 without a word (not with the gloo
+    traceback of a collective that broke when rank 0 left)."""
     if not dist.is_initialized():
-        sys.exit(0)
+        yield
+        return
+    failed = [False]
+    if dist.get_rank() != 0:
+        dist.broadcast_object_list(failed, src=0)
+        if failed[0]:
+            try:
+                dist.barrier()  # rank 0 never joins: this returns when it has exited (or torchrun ends this process)
+            finally:
+                os._exit(1)
+        yield
+        return
+    try:
+        yield
+    except BaseException:
+        sys.excepthook(*sys.exc_info())  # one sentence for a UserError, the traceback of a bug
+        dist.broadcast_object_list([True], src=0)
+        finish(status=1)
+    dist.broadcast_object_list(failed, src=0)
+
+
+def finish(status=0):
+    """End the process with exit `status`. A torchrun worker leaves without the interpreter's shutdown: a gloo worker
+    thread can still be releasing the last collective's tensors, which takes the GIL; once Python is shutting down
+    that aborts the process ("terminate called without an active exception", 1 run in 20 here). All is saved and
+    closed by now."""
+    if not dist.is_initialized():
+        sys.exit(status)
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)

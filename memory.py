@@ -56,10 +56,12 @@ def count_parameters(model):
 
 class Report:
     """Bytes held at moments of a run, per parameter of the model: a log line (rank 0) and out_dir/memory.json (every
-    rank's counts)."""
+    rank's counts): {"parameters", "ranks": [{moment: {what: bytes}}]} of the run's first process, and each resumed
+    process's after those before it, in "resumed": [{"step": the checkpoint's step (`resumed_at`), "ranks": ...}]."""
 
-    def __init__(self, out_dir, n_params, log):
+    def __init__(self, out_dir, n_params, log, resumed_at=None):
         self.path, self.n_params, self.log, self.moments = os.path.join(out_dir, "memory.json"), n_params, log, {}
+        self.resumed_at, self.earlier = resumed_at, None
 
     def __call__(self, when, policy, reference, optimizer=None, ddp=None):
         self.moments[when] = held_bytes(policy, reference, optimizer, ddp)
@@ -68,8 +70,15 @@ class Report:
             every = [None] * dist.get_world_size()
             dist.all_gather_object(every, self.moments)
         if not dist.is_initialized() or dist.get_rank() == 0:
+            if self.resumed_at is None:
+                report = {"parameters": self.n_params, "ranks": every}
+            else:  # the processes before this one stay as they were
+                if self.earlier is None:
+                    self.earlier = json.load(open(self.path)) if os.path.exists(self.path) else {}
+                resumed = [*self.earlier.get("resumed", []), {"step": self.resumed_at, "ranks": every}]
+                report = {"parameters": self.n_params, "ranks": [], **self.earlier, "resumed": resumed}
             with open(self.path, "w") as f:
-                json.dump({"parameters": self.n_params, "ranks": every}, f, indent=1)
+                json.dump(report, f, indent=1)
         held = self.moments[when]
         self.log(f"memory {when}, rank 0, bytes per parameter: " + ", ".join(
             f"{k} {v / self.n_params:.2f}" for k, v in held.items()) + f" = {sum(held.values()) / self.n_params:.2f}")

@@ -73,9 +73,11 @@ p.add_argument("--seed", type=at_least(0), default=0)
 p.add_argument("--out_dir", type=text("a folder"), default=None, help="where checkpoints and metrics go (default: "
                "out/METHOD-DATASET)")
 p.add_argument("--overwrite", action="store_true", help="replace the run already in --out_dir")
-p.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its latest checkpoint; only "
-               f"these flags may differ from the run's: {', '.join(checkpoint.MAY_CHANGE)}; --max_steps not where "
-               "a flag ties the run to its length (e.g. a decaying --schedule)")
+p.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"], metavar="auto",
+               help="continue the run in --out_dir from its latest checkpoint; `--resume auto`: or start it if it has "
+               f"none (one command for a requeue loop). Only these flags may differ from the run's: "
+               f"{', '.join(checkpoint.MAY_CHANGE)}; --max_steps not where a flag ties the run to its length (e.g. a "
+               "decaying --schedule)")
 p.add_argument("--log_interval", type=at_least(0, zero="the first and last step only"), default=4,
                help="optimizer steps between log lines (and step 1); 0 = the first and last step only")
 p.add_argument("--eval_interval", type=at_least(0, zero="at the end only"), default=20,
@@ -122,8 +124,8 @@ if distributed:
 use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
 autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # weights stay fp32 (the master copy)
 torch.manual_seed(args.seed)  # a config-built model's random init; nothing else draws random numbers
-locate(args.model)  # a model that cannot be found stops here, before --overwrite deletes anything
-resume_from = checkpoint.prepare_out_dir(out_dir, args.resume, args.overwrite, master)  # one run per folder
+locate(args.model)  # a model that cannot be found stops here
+resume_from = checkpoint.prepare_out_dir(out_dir, args.resume, args.overwrite)  # one run per folder (deletes nothing)
 state = checkpoint.read_progress(resume_from) if resume_from else None  # memory-mapped, loaded below
 
 
@@ -137,28 +139,26 @@ def log(message):
 # The eval pairs are held out: drawn at random from the test split (from a JSONL file: from its rows), the same pairs
 # for every run whatever its --seed, so that runs compare on them
 tokenizer = load_tokenizer(args.model, log=log)
-if distributed and not master:
-    dist.barrier()
-rows, eval_rows = load_splits(args.dataset, args.eval_pairs, skip_bad_rows=args.skip_bad_rows, log=log,
-                              data_dir=args.data_dir)
-skip = skips_bad_rows(args.dataset, args.skip_bad_rows)  # rows the chat template refuses are bad rows too
-train_set = tokenize(rows, tokenizer, args.max_length, args.max_prompt_length, log=log, skip_bad_rows=skip)
-eval_set = tokenize(eval_rows, tokenizer, args.max_length, args.max_prompt_length, log=log, skip_bad_rows=skip)
-if distributed and master:
-    dist.barrier()
-batches = Batches(train_set, args.batch_size, args.micro_batch_size, rank, world_size, args.seed, args.group_by_length)
-if batches.per_epoch == 0:
-    raise DataError(f"{len(train_set)} training pairs cannot fill one batch of --batch_size {args.batch_size}")
-max_steps = args.max_steps or args.epochs * batches.per_epoch
-rule = rule and rule.over(max_steps)  # the rule knows the run's length from here on
-run = {**vars(args), **(rule.in_force() if rule else dict.fromkeys(Rule.FLAGS)), "max_steps": max_steps,
-       "dtype": "bf16" if use_bf16 else "fp32"}  # as in force: what --dtype auto, --alpha, --tau chose here
-data_sha256 = fingerprint(train_set + eval_set)  # the pairs themselves: a resume must train and evaluate on them
-if state:  # a resume continues the same run, on the same pairs, or stops here, before any model loads
-    checkpoint.check_resume(state, run, p, data_sha256, resume_from)
-    if state["step"] >= max_steps:
-        log(f"{out_dir} is complete: step {state['step']} of {max_steps}; nothing to do")
-        guards.finish()
+with guards.rank_zero_first():  # bad data stops rank 0 with its message; the other ranks then exit quietly
+    rows, eval_rows = load_splits(args.dataset, args.eval_pairs, skip_bad_rows=args.skip_bad_rows, log=log,
+                                  data_dir=args.data_dir)
+    skip = skips_bad_rows(args.dataset, args.skip_bad_rows)  # rows the chat template refuses are bad rows too
+    train_set = tokenize(rows, tokenizer, args.max_length, args.max_prompt_length, log=log, skip_bad_rows=skip)
+    eval_set = tokenize(eval_rows, tokenizer, args.max_length, args.max_prompt_length, log=log, skip_bad_rows=skip)
+    batches = Batches(train_set, args.batch_size, args.micro_batch_size, rank, world_size, args.seed,
+                      args.group_by_length)
+    if batches.per_epoch == 0:
+        raise DataError(f"{len(train_set)} training pairs cannot fill one batch of --batch_size {args.batch_size}")
+    max_steps = args.max_steps or args.epochs * batches.per_epoch
+    rule = rule and rule.over(max_steps)  # the rule knows the run's length from here on
+    run = {**vars(args), **(rule.in_force() if rule else dict.fromkeys(Rule.FLAGS)), "max_steps": max_steps,
+           "dtype": "bf16" if use_bf16 else "fp32"}  # as in force: what --dtype auto, --alpha, --tau chose here
+    data_sha256 = fingerprint(train_set + eval_set)  # the pairs themselves: a resume must train and evaluate on them
+    if state:  # a resume continues the same run, on the same pairs, or stops here, before any model loads
+        checkpoint.check_resume(state, run, p, data_sha256, resume_from)
+if state and state["step"] >= max_steps:
+    log(f"{out_dir} is complete: step {state['step']} of {max_steps}; nothing to do")
+    guards.finish()
 if args.warmup_steps >= max_steps:
     log(f"warning: --warmup_steps {args.warmup_steps} >= the run's {max_steps} steps: the lr never reaches --lr")
 moves, why = rule.moves() if rule else (True, "")
@@ -181,7 +181,10 @@ else:
     if args.grad_ckpt:  # recompute activations in backward: memory for compute; the reference has no backward
         policy.activation_checkpointing_enable({"use_reentrant": False})
         policy.train()  # HF checkpoints only in train mode; every dropout was set to 0 when loading
-report_memory = memory.Report(out_dir, memory.count_parameters(policy), log)
+if not resume_from:  # everything that can fail before training has passed: only now may an old run be deleted
+    checkpoint.clear_out_dir(out_dir, master)
+metrics = checkpoint.Metrics(out_dir, run, args.wandb, master, state)  # metrics.jsonl, and W&B with --wandb
+report_memory = memory.Report(out_dir, memory.count_parameters(policy), log, state and state["step"])
 report_memory("after building the models", policy, reference)  # with --fsdp: shards only, never a whole model
 if getattr(policy.config, "tie_word_embeddings", False):
     log("note: input and output embeddings are tied: one tensor, updated (and mixed into the reference) once")
@@ -244,12 +247,12 @@ def kto_kl(micro_batches):
     return total / (sum(len(b["kl"]["input_ids"]) for b in micro_batches) * world_size)  # each rank has as many
 
 
-def losses_and_metrics(batch, kl):
+def losses_and_metrics(batch, kl, sft_tokens):
     """(per-pair losses, metric sums over the pairs). The sums stay on the device: reading them (.item()) here would
     make the CPU wait for the GPU before it can queue the backward pass."""
-    if method == "sft":  # next-token NLL on the chosen completions, per token
-        logps = sequence_logps(policy, batch)
-        losses = -logps / batch["loss_mask"].sum(-1)
+    if method == "sft":  # next-token NLL of the chosen completions, the mean over every completion token of the global
+        logps = sequence_logps(policy, batch)  # batch (as transformers and TRL): the mean of these pair losses over
+        losses = -logps * args.batch_size / sft_tokens  # the global batch's pairs, which the loop takes, is that mean
         return losses, {"loss": losses.detach().sum(), "logps/chosen": logps.detach().sum()}
     policy_logps = sequence_logps(policy, batch, args.ipo_average)  # (2B,): chosen rows first, then rejected
     with torch.no_grad():
@@ -321,10 +324,28 @@ def get_lr(step):
                       "cosine": max(0.0, 0.5 * (1 + math.cos(math.pi * progress)))}[args.schedule]
 
 
+def write_record():
+    """The log record of the steps since the last one: means over those steps and all ranks, and the latest held-out
+    metrics. At every log step, and before every checkpoint: a run stopped or killed after it loses no step's."""
+    global since_log, logged_step, t0
+    if step == logged_step:
+        return
+    n, tokens, grad_norms = step - logged_step, since_log.pop("tokens"), since_log.pop("grad_norm")
+    record = {"step": step, **{k: v / (n * args.batch_size) for k, v in since_log.items() if k != "stop"},
+              "grad_norm": grad_norms / n, "lr": get_lr(step), "tokens_per_s": tokens / (time.time() - t0),
+              "ref_updates": ref_updates, "skipped_steps": skipped,
+              "epoch": (step + skipped - 1) // batches.per_epoch, **held_out}
+    log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+    bar.set_postfix(loss=f"{record['loss']:.3f}")
+    metrics.write(record)
+    since_log, logged_step, t0 = {}, step, time.time()
+
+
 def save():
+    write_record()  # the steps since the last record: a resume from this checkpoint would never log them
     stop.saving = True  # a second Ctrl-C must not abort a half-written checkpoint
     progress = {"step": step, "ref_updates": ref_updates, "skipped_steps": skipped, "data_sha256": data_sha256,
-                "run": run}
+                "run": run, "wandb_id": metrics.wandb_id}
     final = checkpoint.save(out_dir, policy_raw, reference if rule else None, optimizer, tokenizer, progress,
                             args.fsdp, master)
     stop.saving = False
@@ -332,14 +353,13 @@ def save():
     return final
 
 
-metrics = checkpoint.Metrics(out_dir, run, args.wandb, master)  # metrics.jsonl, and W&B with --wandb
 log(f"{args.method}: {len(train_set)} pairs ({len(train_set) % args.batch_size} left over each epoch), {max_steps} "
     f"steps of {args.batch_size} pairs ({world_size} process{'es' if world_size > 1 else ''} x "
     f"{args.micro_batch_size} x {grad_accum} accumulation), device {device}, {'bf16 autocast' if use_bf16 else 'fp32'}"
     f"{', FSDP2' if args.fsdp else ''}" + (f"; {rule}" if rule else "") +
     (f"; reference in {str(reference_dtype).removeprefix('torch.')}" if reference is not None else "") +
     f"; out_dir {out_dir}")
-if master and not args.resume:
+if master and not resume_from:
     json.dump(run, open(os.path.join(out_dir, "args.json"), "w"), indent=1)  # alpha, tau, max_steps as in force
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -354,16 +374,18 @@ while step < max_steps:
         group["lr"] = lr
     micro_batches = [prepare(m) for m in batches(step + skipped)]  # this rank's share of the next global batch
     kl = kto_kl(micro_batches) if method == "kto" else None  # KTO's reference point: one estimate for the step
+    sft_tokens = sum(len(pair["chosen"]) for pair in batches.pairs(step + skipped))  # every rank's, on the host
     step_sums = {}
     for i, batch in enumerate(micro_batches):
         # DDP all-reduces gradients on the last micro-step only (no_sync() covers forward and backward). FSDP
         # reduce-scatters every micro-step, so gradients stay sharded: 4 bytes/parameter less, more communication.
         with ddp.no_sync() if ddp and i < grad_accum - 1 else contextlib.nullcontext():
             with autocast:
-                losses, metric_sums = losses_and_metrics(batch, kl)
+                losses, metric_sums = losses_and_metrics(batch, kl, sft_tokens)
             (losses.mean() / grad_accum).backward()
-        if step == start_step and i == 0 and grad_accum > 1:  # mid-accumulation: are gradients still sharded/views?
-            report_memory("after the first backward", policy_raw, reference, optimizer, ddp)
+        if i == 0 and grad_accum > 1 and step - start_step < 2:  # mid-accumulation, before and after a zero_grad:
+            report_memory(f"after the first backward of step {step + 1}",  # still sharded, or views?
+                          policy_raw, reference, optimizer, ddp)
         step_sums = {k: step_sums.get(k, 0) + v.double() for k, v in metric_sums.items()}
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm or math.inf)  # 0: the norm only
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
@@ -395,15 +417,7 @@ while step < max_steps:
             log(f"step {step}: reference updated ({ref_updates} so far): " +
                 ("a copy of the policy" if not rule.mixes else f"alpha {rule.weight(step):g}"))
     if step % (args.log_interval or max_steps) == 0 or step in (1, max_steps):  # means since the last line, all ranks
-        n, tokens, grad_norms = step - logged_step, since_log.pop("tokens"), since_log.pop("grad_norm")
-        record = {"step": step, **{k: v / (n * args.batch_size) for k, v in since_log.items() if k != "stop"},
-                  "grad_norm": grad_norms / n, "lr": lr, "tokens_per_s": tokens / (time.time() - t0),
-                  "ref_updates": ref_updates, "skipped_steps": skipped,
-                  "epoch": (step + skipped - 1) // batches.per_epoch, **held_out}
-        log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-        bar.set_postfix(loss=f"{record['loss']:.3f}")
-        metrics.write(record)
-        since_log, logged_step, t0 = {}, step, time.time()
+        write_record()
     if (args.save_interval and step % args.save_interval == 0) or step == max_steps or totals["stop"]:
         last_checkpoint = save()
     if totals["stop"]:

@@ -18,7 +18,7 @@ LOG2 = -F.logsigmoid(torch.tensor(0.0)).item()  # the DPO loss when policy == re
 # every run these tests read, made once: name -> (processes, flags); tiny Llama, pairs.jsonl, 4 pairs a step
 RUNS = {
     "ddp_hard": (2, ["--method", "tr_dpo", "--tau", "1", "--max_steps", "2"]),
-    "ddp_vanilla": (2, ["--method", "dpo", "--max_steps", "1", "--batch_size", "8"]),  # 2 micro-steps of 2 per rank
+    "ddp_vanilla": (2, ["--method", "dpo", "--max_steps", "2", "--batch_size", "8"]),  # 2 micro-steps of 2 per rank
     "ddp_soft": (2, ["--method", "tr_dpo", "--alpha", "0.5", "--max_steps", "1"]),
     "fsdp2_hard": (2, ["--fsdp", "--method", "tr_dpo", "--tau", "1", "--max_steps", "2"]),
     "fsdp2_hard_bf16": (2, ["--fsdp", "--dtype", "bf16", "--method", "tr_dpo", "--tau", "1", "--max_steps", "2"]),
@@ -50,9 +50,9 @@ def run(tmp_path_factory):
     return get
 
 
-def per_parameter(memory, when):
-    """{what: bytes per parameter of the model} held by each rank at `when`."""
-    return [{k: v / memory["parameters"] for k, v in rank[when].items()} for rank in memory["ranks"]]
+def per_parameter(memory, when, ranks=None):
+    """{what: bytes per parameter of the model} held by each rank at `when` (of the run's first process)."""
+    return [{k: v / memory["parameters"] for k, v in rank[when].items()} for rank in ranks or memory["ranks"]]
 
 
 def sharded_checkpoint(out_dir, step, tmp_path):
@@ -146,17 +146,21 @@ def test_fsdp_gradients_stay_sharded_during_gradient_accumulation(run):
     """Reduce-scatter every micro-step: after the first of two, each rank holds 1/N of the gradients and no
     unsharded fp32 gradient of the whole model (4 bytes/parameter) waits for the last micro-step."""
     _, _, memory, _ = run("fsdp2_mix")
-    for held in per_parameter(memory, "after the first backward"):
-        assert held["gradients"] == pytest.approx(2, abs=0.01) and held["other"] < 0.1, held
+    for step in (1, 2):
+        for held in per_parameter(memory, f"after the first backward of step {step}"):
+            assert held["gradients"] == pytest.approx(2, abs=0.01) and held["other"] < 0.1, held
 
 
 def test_ddp_gradients_stay_views_into_its_buckets_during_gradient_accumulation(run):
     """After the first of two micro-steps (under no_sync) a DDP rank holds its gradients once: as views into DDP's
-    buckets, 4 bytes/parameter. Gradients set to None between steps would be allocated afresh by every no_sync
-    backward beside the buckets DDP always holds: 8 bytes/parameter, 24 in all after a step instead of 20."""
+    buckets, 4 bytes/parameter, in step 1 and after a zero_grad in step 2. Gradients not made before DDP wraps the
+    model are allocated by step 1's no_sync backward beside the buckets DDP always holds; gradients set to None by
+    zero_grad are allocated afresh by step 2's: 8 bytes/parameter, 24 in all instead of 20, each of the two."""
     _, _, memory, _ = run("ddp_vanilla")
-    for held in per_parameter(memory, "after the first backward"):
-        assert held["gradients"] == pytest.approx(4, abs=0.01) and held["ddp_buckets"] == pytest.approx(0, abs=0.01)
+    for step in (1, 2):
+        for held in per_parameter(memory, f"after the first backward of step {step}"):
+            assert held["gradients"] == pytest.approx(4, abs=0.01), (step, held)
+            assert held["ddp_buckets"] == pytest.approx(0, abs=0.01), (step, held)
 
 
 def test_the_policys_root_is_gathered_once_per_micro_step_and_resharded_after_a_forward_without_backward(tmp_path):
@@ -198,8 +202,9 @@ def test_a_resumed_run_holds_no_second_copy_of_optimizer_or_reference(tmp_path):
     flags = ["--method", "tr_dpo", "--alpha", "0.5"]
     train(tmp_path, *flags, "--max_steps", "1", nproc=2)
     train(tmp_path, *flags, "--max_steps", "2", "--resume", nproc=2)
-    memory = json.load(open(tmp_path / "memory.json"))  # written by the resumed run, after its first step
-    for held in per_parameter(memory, "after the first step"):
+    memory = json.load(open(tmp_path / "memory.json"))  # the first process's counts, then the resumed one's
+    assert [r["step"] for r in memory["resumed"]] == [1] and len(per_parameter(memory, "after the first step")) == 2
+    for held in per_parameter(memory, "after the first step", memory["resumed"][0]["ranks"]):
         assert sum(v for k, v in held.items() if k != "other") == pytest.approx(20, abs=0.02)
         assert held["other"] < 0.1, held  # state.pt's optimizer moments and reference were dropped once restored
 

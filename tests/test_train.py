@@ -252,15 +252,33 @@ def test_a_fresh_run_refuses_a_folder_that_holds_a_run_and_overwrite_replaces_it
     assert not (tmp_path / "curves.png").exists() and not (tmp_path / "wandb").exists()
     assert json.load(open(tmp_path / "args.json"))["eval_pairs"] == 4  # the new run's, and so is memory.json:
     assert list(json.load(open(tmp_path / "memory.json"))["ranks"][0]) == ["after building the models",
-                                                                            "after the first backward",
+                                                                            "after the first backward of step 1",
                                                                             "after the first step"]
 
 
-def test_a_model_that_cannot_be_found_stops_the_run_before_overwrite_deletes_anything(tmp_path):
-    (tmp_path / "args.json").write_text("{}")  # a run that is there
-    status, log = train_py(*TINY_RUN, "--model", "/no/such/dir", "--overwrite", "--out_dir", tmp_path)
-    assert status == 1 and "--model /no/such/dir: no such file or folder" in log
-    assert (tmp_path / "args.json").exists()
+def bad_row_file(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(open(PAIRS).read() + '{"prompt": "x", "chosen": "y"}\n')
+    return path
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "/no/such/dir"], "--model /no/such/dir: no such file or folder"),
+    (["--dataset", "demoo"], "--dataset 'demoo': expected demo"),
+    (["--dataset", bad_row_file], "bad.jsonl:42: missing field(s)"),
+    (["--max_prompt_length", "64"], "--max_prompt_length 64 must be"),  # not below --max_length 64
+    (["--batch_size", "64"], "33 training pairs cannot fill one batch of --batch_size 64"),
+], ids=["model", "dataset", "bad row", "lengths", "batch"])
+def test_overwrite_deletes_nothing_until_every_check_before_training_has_passed(flags, message, tmp_path):
+    old = {"args.json": "{}", "metrics.jsonl": '{"step": 1}\n', "memory.json": "{}", "curves.png": "png",
+           "step_000002/state.pt": "the old run's checkpoint"}
+    for name, text in old.items():
+        (tmp_path / "old" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "old" / name).write_text(text)
+    flags = [f(tmp_path) if callable(f) else f for f in flags]
+    status, log = train_py(*TINY_RUN, *flags, "--overwrite", "--out_dir", tmp_path / "old")
+    assert status != 0 and message in log and "Traceback" not in log, log[-3000:]
+    assert {name: (tmp_path / "old" / name).read_text() for name in old} == old  # the old run, as it was
 
 
 def test_resume_refuses_a_checkpoint_of_another_run_and_names_the_difference(tmp_path):
@@ -327,11 +345,16 @@ def test_with_ipo_average_held_out_margins_are_on_training_scale_per_token_means
 
 
 def wandb_records(out_dir):
-    """The records of an offline W&B run, read from its .wandb file (a LevelDB-style log of protobuf records)."""
+    """The records of the offline W&B runs in out_dir, oldest first, read from their .wandb files."""
     import glob
+    return [r for path in sorted(glob.glob(f"{out_dir}/wandb/offline-run-*/run-*.wandb")) for r in wandb_file(path)]
+
+
+def wandb_file(path):
+    """The records of one .wandb file (a LevelDB-style log of protobuf records)."""
     import struct
     from wandb.proto import wandb_internal_pb2
-    data = open(glob.glob(f"{out_dir}/wandb/offline-run-*/run-*.wandb")[0], "rb").read()
+    data = open(path, "rb").read()
     position, records, pending = 7, [], b""  # after the header ":W&B", 2 magic bytes and a version byte
     while position + 7 <= len(data):
         left = 32768 - position % 32768  # records never straddle a 7-byte header across 32 KiB blocks
@@ -388,3 +411,60 @@ def test_an_interval_of_0_means_only_at_the_end(tmp_path):
     --save_interval 0 saves only at the end). Both crashed with a ZeroDivisionError after the first step."""
     records, _ = train(tmp_path, "--log_interval", "0", "--eval_interval", "0", "--max_steps", "3")
     assert [(r["step"], r["eval/step"]) for r in records] == [(1, 0), (3, 3)]
+
+
+def test_wandb_with_resume_continues_the_same_wandb_run(tmp_path):
+    """The W&B run's id is kept with the checkpoint: a resume logs into the run it continues, not a second one."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    for flags in (["--max_steps", "1"], ["--max_steps", "2", "--resume"]):  # the constant schedule: more steps allowed
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY_RUN, *flags, "--wandb",
+                                 "trdpo-tests", "--out_dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                                env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+    records = wandb_records(tmp_path)
+    runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert len(runs) == 2 and runs[0].run_id == runs[1].run_id, [r.run_id for r in runs]
+    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item} for r in records
+               if r.WhichOneof("record_type") == "history"]
+    assert [(h["step"], h["loss"]) for h in history if "step" in h] == [(r["step"], r["loss"]) for r in
+                                                          map(json.loads, open(tmp_path / "metrics.jsonl"))]
+
+
+def float64_nll(model, pairs):
+    """(summed NLL of the chosen completions, their token count, per pair), token by token in float64."""
+    out = []
+    for e in pairs:
+        ids = torch.cat([e["prompt"], e["chosen"]]).long()[None]
+        logps = torch.log_softmax(model(ids).logits[0].double(), -1)
+        start = len(e["prompt"])
+        out.append((-sum(logps[start + t - 1, tok] for t, tok in enumerate(e["chosen"].tolist())), len(e["chosen"])))
+    return out
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_the_sft_loss_is_the_mean_nll_over_every_completion_token_of_the_global_batch(nproc, tmp_path,
+                                                                                       chat_tokenizer):
+    """As transformers and TRL average it: summed NLL / completion tokens of the whole batch (every micro-batch of
+    every rank), not a mean of per-sequence means, which weighs a short answer's tokens more."""
+    from data import Batches, tokenize
+    from model import load_model
+    from sources import load_splits
+    rows = [json.loads(line) for line in open(PAIRS)]
+    for i, row in enumerate(rows):  # answers of 3 to 9 tokens: the pairs' own are all 3
+        row["chosen"] += ", I am sure" * (i % 3)
+    dataset = tmp_path / "lengths.jsonl"
+    dataset.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    records, _ = train(tmp_path / "run", "--method", "sft", "--max_steps", "1", "--dataset", dataset,
+                       nproc=nproc)  # 2 micro-batches or 2 ranks
+    train_set = tokenize(load_splits(str(dataset), 8, log=lambda m: None)[0], chat_tokenizer, 64, 48,
+                         log=lambda m: None)
+    pairs = [pair for pair, _ in Batches(train_set, 4, 4)(0)[0]]  # global batch 0, as one micro-batch
+    model = load_model(TINY).double()  # train.py's init (seed 0)
+    nll = float64_nll(model, pairs)
+    per_token = sum(s for s, _ in nll) / sum(n for _, n in nll)
+    per_sequence = sum(s / n for s, n in nll) / len(nll)
+    assert abs(per_token - per_sequence).item() > 1e-3  # the answers differ in length: the two means differ
+    per_token.backward()
+    grad_norm = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters())).item()
+    assert records[0]["loss"] == pytest.approx(per_token.item(), rel=1e-5)
+    assert records[0]["grad_norm"] == pytest.approx(grad_norm, rel=1e-4)
