@@ -162,10 +162,10 @@ def test_the_toy_prints_the_quoted_table_at_the_stated_stability(out):
             assert got[row] == figures, f"Part 2, row {row}: printed {got[row]}, quoted {figures}"
 
 
-def quoted_log(part):
+def quoted_log(part, after="You should see"):
     """{step: {name: value}} of the log lines a part quotes (step N name value ...)."""
     steps = {}
-    for line in quoted(part):
+    for line in quoted(part, after):
         m = re.match(r"step (\d+) (.*)", line)
         if m and ":" not in line.split()[1]:
             words = m.group(2).replace("...", "").split()
@@ -183,6 +183,9 @@ def test_part4_quotes_what_holds_on_every_cpu():
             f"{log[step]}"
     for step in (5, 6, 7, 8):
         assert log[step]["drift/reference_rejected"] == log[4]["drift/rejected"], f"Part 4, step {step}"
+    soft = quoted_log("Part 4", "then (shortened as above")  # the glide: margins and the reference move from step 3
+    assert all(soft[s]["rewards/margins"] == soft[s]["drift/reference_rejected"] == "0" for s in (1, 2)), soft
+    assert all("0" not in (soft[s]["rewards/margins"], soft[s]["drift/reference_rejected"]) for s in range(3, 9)), soft
     text = next(t for t in SECTIONS if section_name(t) == "Part 4")
     assert "Compare 3 digits" in text, "Part 4 no longer says which of its digits are stable"
 
