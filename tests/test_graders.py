@@ -1,7 +1,8 @@
 """The graders grade: each mistake students really make in LESSON.md's exercises, put in place of the function, makes
-the lesson's own grading command fail, with a message that names the case. One wrong version per hole that once let
-a mistake pass (issue 16), and the lesson's example; the graders' other checks are read in tests/test_losses.py and
-tests/test_ref_update.py. Every assert of a grader carries a message: a student reads it instead of a traceback."""
+the lesson's own grading command fail, with a message that names the case: wrong targets, signs, shapes, missing
+clamps and detaches, swapped weights, off-by-one schedules, a copy that aliases the policy, a bf16 mix, and errors
+torch raises (a bool mask in arithmetic, a dtype mismatch, DDP's module. names), which tests/grading.py turns into a
+sentence. Every assert of a grader carries a message: a student reads it instead of a traceback."""
 import ast
 import os
 import re
@@ -68,6 +69,129 @@ def should_update_from_zero(step, tau):
     return (step + 1) % tau == 0
 
 
+def should_update_at_one(step, tau):
+    return step % tau == 1  # due after steps 1, 9, 17: never with tau 1
+
+
+def should_update_first_step(step, tau):
+    return (step - 1) % tau == 0  # due after steps 1, 9, 17
+
+
+def dpo_swapped(pc, pr, rc, rr, beta, label_smoothing=0.0):
+    h = (pr - rr) - (pc - rc)  # the rejected answer's log-ratio first
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return losses, beta * (pc - rc).detach(), beta * (pr - rr).detach()
+
+
+def dpo_sign(pc, pr, rc, rr, beta, label_smoothing=0.0):
+    h = (pc - rc) - (pr - rr)
+    losses = (1 - label_smoothing) * F.logsigmoid(beta * h) + label_smoothing * F.logsigmoid(-beta * h)
+    return losses, beta * (pc - rc).detach(), beta * (pr - rr).detach()
+
+
+def dpo_mean(pc, pr, rc, rr, beta, label_smoothing=0.0):
+    h = (pc - rc) - (pr - rr)
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return losses.mean(), beta * (pc - rc).detach(), beta * (pr - rr).detach()
+
+
+def dpo_smoothing_swapped(pc, pr, rc, rr, beta, label_smoothing=0.0):
+    h = (pc - rc) - (pr - rr)
+    losses = -label_smoothing * F.logsigmoid(beta * h) - (1 - label_smoothing) * F.logsigmoid(-beta * h)
+    return losses, beta * (pc - rc).detach(), beta * (pr - rr).detach()
+
+
+def dpo_rewards_without_beta(pc, pr, rc, rr, beta, label_smoothing=0.0):
+    h = (pc - rc) - (pr - rr)
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return losses, (pc - rc).detach(), (pr - rr).detach()
+
+
+def ipo_target_one_over_beta(pc, pr, rc, rr, beta):
+    h = (pc - rc) - (pr - rr)
+    return (h - 1 / beta) ** 2, beta * (pc - rc).detach(), beta * (pr - rr).detach()
+
+
+def ipo_mean(pc, pr, rc, rr, beta):
+    h = (pc - rc) - (pr - rr)
+    return ((h - 1 / (2 * beta)) ** 2).mean(), beta * (pc - rc).detach(), beta * (pr - rr).detach()
+
+
+def kto(policy_logps, ref_logps, desirable, kl, beta, lambda_d, lambda_u, z):
+    rewards = policy_logps - ref_logps
+    losses = torch.where(desirable, lambda_d * (1 - torch.sigmoid(beta * (rewards - z))),
+                         lambda_u * (1 - torch.sigmoid(beta * (z - rewards))))
+    return losses, beta * rewards.detach()
+
+
+def kto_no_clamp(policy_logps, ref_logps, desirable, kl, beta, kto_lambda_d=1.0, kto_lambda_u=1.0):
+    return kto(policy_logps, ref_logps, desirable, kl, beta, kto_lambda_d, kto_lambda_u, z=kl.detach())
+
+
+def kto_z_not_detached(policy_logps, ref_logps, desirable, kl, beta, kto_lambda_d=1.0, kto_lambda_u=1.0):
+    return kto(policy_logps, ref_logps, desirable, kl, beta, kto_lambda_d, kto_lambda_u, z=kl.clamp(min=0))
+
+
+def kto_lambdas_swapped(policy_logps, ref_logps, desirable, kl, beta, kto_lambda_d=1.0, kto_lambda_u=1.0):
+    return kto(policy_logps, ref_logps, desirable, kl, beta, kto_lambda_u, kto_lambda_d, z=kl.detach().clamp(min=0))
+
+
+def kto_bool_arithmetic(policy_logps, ref_logps, desirable, kl, beta, kto_lambda_d=1.0, kto_lambda_u=1.0):
+    rewards = policy_logps - ref_logps
+    z = kl.detach().clamp(min=0)
+    losses = desirable * kto_lambda_d * (1 - torch.sigmoid(beta * (rewards - z))) + \
+        (1 - desirable) * kto_lambda_u * (1 - torch.sigmoid(beta * (z - rewards)))  # torch: no `-` on a bool tensor
+    return losses, beta * rewards.detach()
+
+
+def unwrap(policy):
+    return getattr(policy, "module", policy)
+
+
+@torch.no_grad()
+def update_aliasing(reference, policy, alpha):
+    for r, p in zip(reference.parameters(), unwrap(policy).parameters()):
+        if alpha == 1:
+            r.data = p.data  # the reference's tensor is now the policy's memory
+        else:
+            r.lerp_(p.to(r.dtype), alpha)
+
+
+@torch.no_grad()
+def update_assign(reference, policy, alpha):
+    if alpha == 1:
+        reference.load_state_dict(unwrap(policy).state_dict(), assign=True)  # assign: the policy's tensors themselves
+    else:
+        for r, p in zip(reference.parameters(), unwrap(policy).parameters()):
+            r.lerp_(p.to(r.dtype), alpha)
+
+
+@torch.no_grad()
+def update_load_state_dict_wrapped(reference, policy, alpha):
+    if alpha == 1:
+        reference.load_state_dict(policy.state_dict())  # a copy, but under DDP every key reads module.NAME
+    else:
+        for r, p in zip(reference.parameters(), unwrap(policy).parameters()):
+            r.lerp_(p.to(r.dtype), alpha)
+
+
+@torch.no_grad()
+def update_weights_swapped(reference, policy, alpha):
+    for r, p in zip(reference.parameters(), unwrap(policy).parameters()):
+        r.copy_((1 - alpha) * p.to(r.dtype) + alpha * r)
+
+
+@torch.no_grad()
+def update_bf16_lerp_without_cast(reference, policy, alpha):
+    torch._foreach_lerp_(list(reference.parameters()), list(unwrap(policy).parameters()), alpha)
+
+
+@torch.no_grad()
+def update_rebinds(reference, policy, alpha):
+    for r, p in zip(reference.parameters(), unwrap(policy).parameters()):
+        r = alpha * p.to(r.dtype) + (1 - alpha) * r  # a new tensor bound to a local name: the reference never moves
+
+
 MISTAKES = [  # (the function, what the student wrote, the wrong version, what the grader's message must say)
     ("dpo_loss", "forgets beta (LESSON.md's example)", dpo_forgets_beta,
      r"dpo_loss with beta 0\.05, pair 0 \(margin h = -68\.2072\): loss -log sigmoid\(beta h\): expected 3\.44"),
@@ -85,6 +209,43 @@ MISTAKES = [  # (the function, what the student wrote, the wrong version, what t
      r"update_reference with alpha 0\.01, 100 times, fp32 reference .*: expected 0\.0049528\d*, got 0\.00557"),
     ("should_update", "counts optimizer steps from 0", should_update_from_zero,
      r"should_update with tau 8, .*: the reference is due after steps \[8, 16\], got \[7, 15\]"),
+    ("should_update", "step % tau == 1", should_update_at_one,
+     r"should_update with tau 8, .*: the reference is due after steps \[8, 16\], got \[1, 9, 17\]"),
+    ("should_update", "(step - 1) % tau == 0", should_update_first_step,
+     r"should_update with tau 8, .*: the reference is due after steps \[8, 16\], got \[1, 9, 17\]"),
+    ("dpo_loss", "chosen and rejected swapped in the margin", dpo_swapped,
+     r"dpo_loss with beta 0\.05, pair 0 \(margin h = -68\.2072\): loss -log sigmoid\(beta h\): expected"),
+    ("dpo_loss", "loses the minus sign", dpo_sign, r"dpo_loss with beta 0\.05, pair 0 .*: loss -log sigmoid"),
+    ("dpo_loss", "returns the batch's mean", dpo_mean,
+     r"dpo_loss: losses must be a tensor of shape \(16,\), one value per example \(no mean over the batch\)"),
+    ("dpo_loss", "label smoothing's weights swapped", dpo_smoothing_swapped,
+     r"dpo_loss with label_smoothing 0\.1, pair 0 .*: loss -\(1 - eps\) log sigmoid\(beta h\)"),
+    ("dpo_loss", "rewards without beta", dpo_rewards_without_beta,
+     r"dpo_loss with beta 0\.05, pair 0 .*: chosen reward"),
+    ("ipo_loss", "target 1/beta instead of 1/(2 beta)", ipo_target_one_over_beta,
+     r"ipo_loss with beta 0\.01, pair 0 .*: loss \(h - 1/\(2 beta\)\)\^2: expected"),
+    ("ipo_loss", "returns the batch's mean", ipo_mean, r"ipo_loss: losses must be a tensor of shape \(16,\)"),
+    ("kto_loss", "no clamp: z = kl, negative too", kto_no_clamp, r"kto_loss, .*KL estimate -2\.994 \(so z = 0\.000\)"),
+    ("kto_loss", "z not detached", kto_z_not_detached, r"kto_loss: a gradient flowed through z"),
+    ("kto_loss", "lambda_D and lambda_U swapped", kto_lambdas_swapped,
+     r"kto_loss, desirable example 0, .*: loss: expected"),
+    ("kto_loss", "the bool mask in arithmetic (1 - desirable)", kto_bool_arithmetic,
+     r"kto_loss raised RuntimeError \(.*\): likely a bool mask \(`desirable`\) used in arithmetic"),
+    ("update_reference", "r.data = p.data (an alias, not a copy)", update_aliasing,
+     r"update_reference with alpha 1\.0: the policy then trained on, and reference 0\.weight moved with it: the "
+     r"reference shares the policy's memory"),
+    ("update_reference", "load_state_dict(..., assign=True)", update_assign,
+     r"update_reference with alpha 1\.0: the policy then trained on, .* shares the policy's memory"),
+    ("update_reference", "load_state_dict(policy.state_dict()) on a DDP-wrapped policy", update_load_state_dict_wrapped,
+     r"update_reference raised RuntimeError .*: likely the policy is wrapped in DDP: its model is policy\.module"),
+    ("update_reference", "alpha and 1 - alpha swapped", update_weights_swapped,
+     r"update_reference with alpha 0\.3: reference 0\.weight should be alpha \* policy \+ \(1 - alpha\) \* "
+     r"reference: element"),
+    ("update_reference", "a bf16 lerp without a cast", update_bf16_lerp_without_cast,
+     r"update_reference raised RuntimeError .*: likely the policy is bf16 and the reference fp32: mix in the "
+     r"reference's dtype"),
+    ("update_reference", "rebinds a local name instead of writing in place", update_rebinds,
+     r"update_reference with alpha 0\.3: reference 0\.weight should be alpha \* policy"),
 ]
 
 
@@ -104,11 +265,13 @@ def test_each_exercise_has_one_grading_command():
         f"LESSON.md's exercises table should grade the five functions, one `-k word` each; read {EXERCISES}"
 
 
+@pytest.mark.slow  # a grading session per mistake: seconds each, too many for make test-fast
 @pytest.mark.parametrize("function, mistake, wrong, message", MISTAKES, ids=[f"{f}: {m}" for f, m, _, _ in MISTAKES])
 def test_the_grading_command_fails_on_a_typical_mistake(function, mistake, wrong, message, monkeypatch, tmp_path):
     path, word = EXERCISES[function]
     grader = __import__(os.path.basename(path).removesuffix(".py"))  # tests/ is on sys.path, as pytest put it
     monkeypatch.setattr(grader, function, wrong)  # what `from losses import dpo_loss` bound, now the student's
+    monkeypatch.setattr(wrong, "__name__", function)  # named as the student's is
     failures = Failures()
     status = pytest.main([os.path.join(ROOT, path), "-k", word, "-q", "-p", "no:cacheprovider",
                           f"--basetemp={tmp_path}"], plugins=[failures])  # its own temporary folders: ours stay

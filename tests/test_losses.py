@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from grading import call
 from losses import dpo_loss, ipo_loss, kto_loss
 
 
@@ -48,7 +49,7 @@ KTO = ("kto_loss", "losses", "rewards")
 @pytest.mark.parametrize("beta", [0.05, 0.1, 0.5])
 def test_dpo_loss_matches_float64_closed_form(beta):
     pc, pr, rc, rr = random_logps()
-    losses, chosen_rewards, rejected_rewards = returned(dpo_loss(pc, pr, rc, rr, beta), DPO, 16)
+    losses, chosen_rewards, rejected_rewards = returned(call(dpo_loss, pc, pr, rc, rr, beta), DPO, 16)
     for i in range(len(pc)):
         h = (pc[i].item() - rc[i].item()) - (pr[i].item() - rr[i].item())
         case = f"dpo_loss with beta {beta}, pair {i} (margin h = {h:.4f})"
@@ -61,7 +62,7 @@ def test_dpo_loss_matches_float64_closed_form(beta):
 def test_dpo_loss_with_label_smoothing_is_conservative_dpo(eps):
     """cDPO (Mitchell 2023): the expected DPO loss when each label is flipped with probability eps."""
     pc, pr, rc, rr = random_logps(seed=7)
-    losses, _, _ = returned(dpo_loss(pc, pr, rc, rr, 0.1, label_smoothing=eps), DPO, 16)
+    losses, _, _ = returned(call(dpo_loss, pc, pr, rc, rr, 0.1, label_smoothing=eps), DPO, 16)
     for i in range(len(pc)):
         h = (pc[i].item() - rc[i].item()) - (pr[i].item() - rr[i].item())
         expect(losses[i].item(), (1 - eps) * math.log(1 + math.exp(-0.1 * h)) + eps * math.log(1 + math.exp(0.1 * h)),
@@ -71,7 +72,8 @@ def test_dpo_loss_with_label_smoothing_is_conservative_dpo(eps):
 
 def test_dpo_loss_is_log2_and_rewards_zero_when_policy_equals_reference():
     pc, pr, _, _ = random_logps()
-    losses, chosen_rewards, rejected_rewards = returned(dpo_loss(pc, pr, pc.clone(), pr.clone(), beta=0.1), DPO, 16)
+    losses, chosen_rewards, rejected_rewards = returned(call(dpo_loss, pc, pr, pc.clone(), pr.clone(), beta=0.1), DPO,
+                                                        16)
     for i in range(16):
         expect(losses[i].item(), math.log(2), f"dpo_loss when policy == reference, pair {i}: loss log 2", abs_=1e-15)
         expect(chosen_rewards[i].item(), 0.0, f"dpo_loss when policy == reference, pair {i}: chosen reward")
@@ -81,7 +83,7 @@ def test_dpo_loss_is_log2_and_rewards_zero_when_policy_equals_reference():
 def test_dpo_gradient_is_minus_beta_sigmoid_of_minus_beta_h():
     pc, pr, rc, rr = random_logps(4)
     pc.requires_grad_(True)
-    losses, _, _ = returned(dpo_loss(pc, pr, rc, rr, 0.1), DPO, 4)
+    losses, _, _ = returned(call(dpo_loss, pc, pr, rc, rr, 0.1), DPO, 4)
     losses.sum().backward()
     assert pc.grad is not None, "dpo_loss: no gradient reaches the policy's chosen log-probs"
     for i in range(4):  # dL/d(log pi_c) = -beta * sigmoid(-beta * h)
@@ -102,7 +104,7 @@ def test_dpo_rewards_are_detached():
     pc, pr, rc, rr = random_logps(4)
     pc.requires_grad_(True)
     pr.requires_grad_(True)
-    _, chosen_rewards, rejected_rewards = returned(dpo_loss(pc, pr, rc, rr, 0.1), DPO, 4)
+    _, chosen_rewards, rejected_rewards = returned(call(dpo_loss, pc, pr, rc, rr, 0.1), DPO, 4)
     rewards_are_detached("dpo_loss", [chosen_rewards, rejected_rewards], DPO[2:])
 
 
@@ -112,7 +114,7 @@ def test_dpo_loss_is_exact_at_large_margins_in_float32():
     h = torch.tensor([-2000.0, -1000.0, 1000.0, 2000.0])  # beta h = -200, -100, 100, 200
     for eps in (0.0, 0.2):
         pc, zero = h.clone().requires_grad_(True), torch.zeros(4)
-        losses, _, _ = returned(dpo_loss(pc, zero, zero, zero, beta, label_smoothing=eps), DPO, 4)
+        losses, _, _ = returned(call(dpo_loss, pc, zero, zero, zero, beta, label_smoothing=eps), DPO, 4)
         losses.sum().backward()
         for i, m in enumerate(h.tolist()):
             case = (f"dpo_loss in float32 at a large margin, beta {beta}, label_smoothing {eps}, pair {i} (h = {m:g}, "
@@ -129,7 +131,7 @@ def test_dpo_loss_is_exact_at_large_margins_in_float32():
 @pytest.mark.parametrize("beta", [0.01, 0.1, 1.0])
 def test_ipo_loss_matches_float64_closed_form(beta):
     pc, pr, rc, rr = random_logps(seed=1)
-    losses, chosen_rewards, _ = returned(ipo_loss(pc, pr, rc, rr, beta), IPO, 16)
+    losses, chosen_rewards, _ = returned(call(ipo_loss, pc, pr, rc, rr, beta), IPO, 16)
     for i in range(len(pc)):
         h = (pc[i].item() - rc[i].item()) - (pr[i].item() - rr[i].item())
         expect(losses[i].item(), (h - 1 / (2 * beta)) ** 2,
@@ -140,7 +142,7 @@ def test_ipo_loss_matches_float64_closed_form(beta):
 def test_ipo_loss_is_zero_exactly_at_the_target_margin():
     pc, pr, rc, rr = [torch.tensor([x], dtype=torch.float64) for x in (-10.0, -20.0, -12.0, -19.5)]
     h = (-10.0 + 12.0) - (-20.0 + 19.5)  # 2.5 = 1 / (2 * 0.2)
-    losses, _, _ = returned(ipo_loss(pc, pr, rc, rr, beta=1 / (2 * h)), IPO, 1)
+    losses, _, _ = returned(call(ipo_loss, pc, pr, rc, rr, beta=1 / (2 * h)), IPO, 1)
     expect(losses.item(), 0.0, "ipo_loss at margin h = 1/(2 beta) = 2.5", abs_=1e-24)
 
 
@@ -148,7 +150,7 @@ def test_ipo_rewards_are_detached():
     pc, pr, rc, rr = random_logps(4, seed=8)
     pc.requires_grad_(True)
     pr.requires_grad_(True)
-    _, chosen_rewards, rejected_rewards = returned(ipo_loss(pc, pr, rc, rr, 0.1), IPO, 4)
+    _, chosen_rewards, rejected_rewards = returned(call(ipo_loss, pc, pr, rc, rr, 0.1), IPO, 4)
     rewards_are_detached("ipo_loss", [chosen_rewards, rejected_rewards], IPO[2:])
 
 
@@ -168,7 +170,7 @@ def test_kto_loss_matches_float64_closed_form(kl_shift):
     p, r, pkl, rkl = random_logps(8, seed=2)
     pkl = rkl + kl_shift + 0.1 * torch.randn(8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     desirable = torch.tensor([True, False] * 4)
-    losses, rewards = returned(kto_loss(p, r, desirable, (pkl - rkl).mean(), beta=0.1, kto_lambda_d=1.0,
+    losses, rewards = returned(call(kto_loss, p, r, desirable, (pkl - rkl).mean(), beta=0.1, kto_lambda_d=1.0,
                                         kto_lambda_u=1.5), KTO, 8)
     expected, z = kto_reference(p.tolist(), r.tolist(), desirable.tolist(), pkl.tolist(), rkl.tolist(), 0.1, 1.0, 1.5)
     for i in range(8):
@@ -182,7 +184,8 @@ def test_kto_reference_point_is_detached():
     p, r, pkl, rkl = random_logps(8, seed=4)
     pkl = (rkl + 2.0).requires_grad_(True)
     p.requires_grad_(True)
-    losses, _ = returned(kto_loss(p, r, torch.tensor([True] * 4 + [False] * 4), (pkl - rkl).mean(), beta=0.1), KTO, 8)
+    desirable = torch.tensor([True] * 4 + [False] * 4)
+    losses, _ = returned(call(kto_loss, p, r, desirable, (pkl - rkl).mean(), beta=0.1), KTO, 8)
     losses.sum().backward()
     assert pkl.grad is None, "kto_loss: a gradient flowed through z; the reference point is a baseline: .detach() it"
     assert p.grad is not None and torch.all(p.grad != 0), "kto_loss: no gradient reaches the policy's log-probs"
@@ -192,14 +195,14 @@ def test_kto_rewards_are_detached():
     p, r, pkl, rkl = random_logps(4, seed=9)
     p.requires_grad_(True)
     desirable = torch.tensor([True, True, False, False])
-    _, rewards = returned(kto_loss(p, r, desirable, (pkl - rkl).mean(), beta=0.1), KTO, 4)
+    _, rewards = returned(call(kto_loss, p, r, desirable, (pkl - rkl).mean(), beta=0.1), KTO, 4)
     rewards_are_detached("kto_loss", [rewards], KTO[2:])
 
 
 def test_kto_loss_is_half_lambda_when_policy_equals_reference():
     p, _, kl_logps, _ = random_logps(6, seed=5)
     desirable = torch.tensor([True, True, True, False, False, False])
-    losses, rewards = returned(kto_loss(p, p.clone(), desirable, (kl_logps - kl_logps).mean(), beta=0.1,
+    losses, rewards = returned(call(kto_loss, p, p.clone(), desirable, (kl_logps - kl_logps).mean(), beta=0.1,
                                         kto_lambda_d=2.0, kto_lambda_u=1.0), KTO, 6)
     for i, want in enumerate([1.0, 1.0, 1.0, 0.5, 0.5, 0.5]):  # lambda (1 - sigmoid(0)) = lambda / 2
         expect(losses[i].item(), want, f"kto_loss when policy == reference and z = 0, example {i} "
@@ -220,9 +223,9 @@ def test_loss_is_a_pure_function_that_never_communicates(function, tmp_path, mon
             monkeypatch.setattr(dist, name, refuse)
         p, r, pkl, rkl = random_logps(4, seed=6)
         if function == "kto_loss":
-            kto_loss(p, r, torch.tensor([True, True, False, False]), (pkl - rkl).mean(), beta=0.1)
+            call(kto_loss, p, r, torch.tensor([True, True, False, False]), (pkl - rkl).mean(), beta=0.1)
         else:
-            {"dpo_loss": dpo_loss, "ipo_loss": ipo_loss}[function](p, r, pkl, rkl, beta=0.1)
+            call({"dpo_loss": dpo_loss, "ipo_loss": ipo_loss}[function], p, r, pkl, rkl, beta=0.1)
     finally:
         monkeypatch.undo()
         dist.destroy_process_group()

@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 
+from grading import call
 from ref_update import should_update, update_reference
 
 
@@ -59,7 +60,7 @@ def test_update_reference_matches_float64_mix(alpha):
     policy, reference = two_models()
     expected = [alpha * p.double() + (1 - alpha) * r.double()
                 for p, r in zip(policy.parameters(), reference.parameters())]
-    update_reference(reference, policy, alpha)
+    call(update_reference, reference, policy, alpha)
     for (name, got), want in zip(reference.named_parameters(), expected):
         same(got.double(), want, f"update_reference with alpha {alpha}: reference {name} should be "
                                  f"alpha * policy + (1 - alpha) * reference")
@@ -67,7 +68,7 @@ def test_update_reference_matches_float64_mix(alpha):
 
 def test_update_reference_hard_update_copies_bitwise():
     policy, reference = two_models()
-    update_reference(reference, policy, 1.0)
+    call(update_reference, reference, policy, 1.0)
     for (name, r), p in zip(reference.named_parameters(), policy.parameters()):
         same(r, p, f"update_reference with alpha 1 (the hard update): reference {name} must be a bit-exact copy",
              exact=True)
@@ -76,7 +77,7 @@ def test_update_reference_hard_update_copies_bitwise():
 def test_update_reference_with_alpha_zero_leaves_reference_bitwise_unchanged():
     policy, reference = two_models()
     before = [r.clone() for r in reference.parameters()]
-    update_reference(reference, policy, 0.0)
+    call(update_reference, reference, policy, 0.0)
     for (name, r), b in zip(reference.named_parameters(), before):
         same(r, b, f"update_reference with alpha 0: reference {name} must not move at all", exact=True)
 
@@ -84,7 +85,7 @@ def test_update_reference_with_alpha_zero_leaves_reference_bitwise_unchanged():
 def test_update_reference_does_not_touch_the_policy():
     policy, reference = two_models()
     before = [p.clone() for p in policy.parameters()]
-    update_reference(reference, policy, 0.6)
+    call(update_reference, reference, policy, 0.6)
     for (name, p), b in zip(policy.named_parameters(), before):
         same(p, b, f"update_reference must only change the reference; the policy's {name} changed", exact=True)
 
@@ -95,7 +96,7 @@ def test_update_reference_mixes_a_tied_tensor_once(alpha):
     assert reference.head.weight is reference.embed.weight, "the test's reference lost its tie"
     expected = {name: alpha * p.double() + (1 - alpha) * r.double()
                 for (name, p), r in zip(policy.named_parameters(), reference.parameters())}
-    update_reference(reference, policy, alpha)
+    call(update_reference, reference, policy, alpha)
     for name, got in reference.named_parameters():
         same(got.double(), expected[name], f"update_reference with alpha {alpha} on a model whose input and output "
                                            f"embeddings are one tied tensor (as SmolLM2's): reference {name} should "
@@ -107,7 +108,7 @@ def test_update_reference_mixes_a_tied_tensor_once(alpha):
 def test_should_update_every_tau_optimizer_steps_counted_from_one():
     for tau, steps, want in [(8, range(1, 21), [8, 16]), (1, range(1, 6), [1, 2, 3, 4, 5]),
                              (512, [511, 512, 1024], [512, 1024])]:
-        got = [s for s in steps if should_update(s, tau)]
+        got = [s for s in steps if call(should_update, s, tau)]
         if got != want:
             pytest.fail(f"should_update with tau {tau}, optimizer steps {list(steps)} (counted from 1): the "
                         f"reference is due after steps {want}, got {got}", pytrace=False)
@@ -122,7 +123,7 @@ def soft_updates_100_times(reference_dtype):
     with torch.no_grad():
         reference.weight.fill_(0.9921875)  # exactly representable in bf16: 1 - 2^-7
     for _ in range(100):
-        update_reference(reference, policy, 0.01)
+        call(update_reference, reference, policy, 0.01)
     # closed form: ref_n = theta + (ref_0 - theta) * (1 - alpha)^n
     expected = 1.0 + (0.9921875 - 1.0) * (1 - 0.01) ** 100
     moved = reference.weight.double().mean().item() - 0.9921875
@@ -146,7 +147,32 @@ def test_update_reference_in_bf16_would_stall_at_small_alpha():
                     f"{moved!r}", pytrace=False)
 
 
-def test_update_reference_unwraps_ddp_and_needs_no_communication(tmp_path, monkeypatch):
+def trains_on(policy):
+    """The policy's next optimizer steps: every tensor changed in place, as optimizers write."""
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(1.0)
+
+
+def stays_put(reference, copied, case):
+    for (name, r), c in zip(reference.named_parameters(), copied):
+        same(r, c, f"{case}: the policy then trained on, and reference {name} moved with it: the reference shares "
+                   f"the policy's memory (`r.data = p.data` or load_state_dict(..., assign=True) makes the reference "
+                   f"another name for the policy's tensors, and TR becomes a copy every step); copy the values into "
+                   f"the reference's own tensors: r.copy_(p) or r.lerp_(p, alpha)", exact=True)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_update_reference_makes_a_copy_that_stays_put_when_the_policy_trains_on(alpha):
+    policy, reference = two_models()
+    call(update_reference, reference, policy, alpha)
+    copied = [r.clone() for r in reference.parameters()]
+    trains_on(policy)
+    stays_put(reference, copied, f"update_reference with alpha {alpha}")
+
+
+@pytest.mark.parametrize("alpha", [0.3, 1.0])
+def test_update_reference_unwraps_ddp_and_needs_no_communication(alpha, tmp_path, monkeypatch):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
@@ -158,17 +184,15 @@ def test_update_reference_unwraps_ddp_and_needs_no_communication(tmp_path, monke
                         "so each rank mixes its own reference with no communication", pytrace=False)
         for name in ("all_reduce", "all_gather", "broadcast", "reduce", "all_gather_into_tensor", "barrier"):
             monkeypatch.setattr(dist, name, refuse)
-        try:
-            update_reference(reference, wrapped, 0.3)
-        except Exception as e:  # e.g. a KeyError: DDP's state_dict() names every tensor module.NAME
-            pytest.fail(f"update_reference with the policy wrapped in DDP raised {type(e).__name__}: {e}; the model "
-                        f"is policy.module (its parameters() are the model's, in the same order)", pytrace=False)
+        call(update_reference, reference, wrapped, alpha)  # e.g. a KeyError: DDP's state_dict() says module.NAME
         monkeypatch.undo()
+        case = f"update_reference with alpha {alpha} and the policy wrapped in DDP (its parameters under .module)"
         for (name, got), p, r in zip(reference.named_parameters(), policy.parameters(), two_models()[1].parameters()):
-            same(got.double(), 0.3 * p.double() + 0.7 * r.double(),
-                 f"update_reference with alpha 0.3 and the policy wrapped in DDP (its parameters under .module): "
-                 f"reference {name} should be alpha * policy + (1 - alpha) * reference")
+            same(got.double(), alpha * p.double() + (1 - alpha) * r.double(),
+                 f"{case}: reference {name} should be alpha * policy + (1 - alpha) * reference")
+        copied = [r.clone() for r in reference.parameters()]
+        trains_on(wrapped.module)
+        stays_put(reference, copied, case)
     finally:
         monkeypatch.undo()
         dist.destroy_process_group()
-
