@@ -123,13 +123,18 @@ def report(records, configs, out):
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     sft = table[("SFT", 0)][1]
     for i, config in enumerate(c for c in configs if any(r["config"] == c for r in records)):
-        points = [sft] + [stats for (c, step), (n, stats) in sorted(table.items()) if c == config]
+        steps = [(step, stats) for (c, step), (n, stats) in sorted(table.items()) if c == config]
+        points = [sft] + [stats for step, stats in steps]
         ax.errorbar([p["kl"][0] for p in points], [p[quality][0] for p in points], xerr=[p["kl"][1] for p in points],
                     yerr=[p[quality][1] for p in points], fmt="o-", color=f"C{i}", capsize=3, markersize=4,
                     label=name(config))
+        for step, stats in steps:
+            ax.annotate(str(step), (stats["kl"][0], stats[quality][0]), fontsize=7, xytext=(4, -10),
+                        textcoords="offset points")
     ax.set_xlabel("KL(pi || pi_SFT), nats per sequence (policy samples)")
     ax.set_ylabel({"gold": "gold score of samples", "win_rate": "win rate vs the SFT model"}[quality])
-    ax.set_title("mean over seeds, ± 1 s.e. both ways; the first point is the SFT model", fontsize=8)
+    ax.set_title("mean over seeds, ± 1 s.e. both ways; the step beside each point, the SFT model at KL 0",
+                 fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
