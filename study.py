@@ -66,7 +66,7 @@ def run(config, seed, args, result):
     call([sys.executable, os.path.join(HERE, "evaluate.py"), *checkpoints, *shlex.split(args.evaluate),
           "--seed", str(2 * seed), "--out_dir", eval_dir])  # 2s and 2s + 1: no two seeds share a sampling stream
     scored = json.load(open(os.path.join(eval_dir, "results.json")))
-    baseline = next((r for r in scored if r["run"] == "baseline"), {})
+    baseline = next((r for r in scored if r["checkpoint"] not in checkpoints), {})  # the SFT model's own samples
     records = [{"config": config, "method": r["method"], "alpha": r["alpha"], "tau": r["tau"], "beta": r["beta"],
                 "seed": seed, "step": r["step"], "gold": r.get("gold_score"), "win_rate": r["win_rate"],
                 "win_rate_se": r["win_rate_se"], "kl": r["kl_seq"], "kl_token": r["kl_token"],

@@ -93,6 +93,7 @@ def test_every_configuration_seed_and_step_is_a_record_and_nothing_else_is_kept(
     for r in records:  # each run's file keeps the gold score of every prompt: the record's mean is their mean
         run = json.load(open(tmp / "results" / "study" / f"{study.name(r['config'])}-seed{r['seed']}.json"))
         assert r["gold"] == pytest.approx(statistics.mean(run["gold_per_prompt"][str(r["step"])]))
+        assert r["baseline_gold"] == pytest.approx(statistics.mean(run["gold_per_prompt"]["0"]))  # the SFT model's
     assert os.path.getsize(tmp / "results" / "study.png") > 0
     assert not list((tmp / "work").glob("*/step_*"))  # checkpoints deleted once evaluated
     assert len(commands) == len(CONFIGS) * 2 * 2  # a train.py and an evaluate.py command per run
