@@ -18,7 +18,7 @@ setup: $(VENV)/ready
 demo: setup
 	$(PY) train.py --max_steps 40 --out_dir out/demo --overwrite
 
-# the over-optimization study (study.py): DPO, TR-DPO hard and soft on the demo, 4 seeds, ~4-5 h on 2 CPU cores;
+# the over-optimization study (study.py): DPO, TR-DPO hard and soft on the demo, 4 seeds, ~4 h on 2 CPU cores;
 # a part: make study SEEDS=0 (finished runs are skipped; commit results/study* after each part)
 SEEDS ?= 0 1 2 3
 study: setup
