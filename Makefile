@@ -26,6 +26,12 @@ setup: $(VENV)/ready
 demo: setup
 	$(PY) train.py --max_steps 40 --out_dir out/demo --overwrite
 
+# the over-optimization study (study.py): DPO, TR-DPO hard and soft on the demo, 4 seeds, ~4 h on 2 CPU cores;
+# a part: make study SEEDS=0 (finished runs are skipped; commit results/study* after each part)
+SEEDS ?= 0 1 2 3
+study: setup
+	$(PY) study.py --seeds $(SEEDS)
+
 # everything, what CI runs (.ci/run); test-fast: the unit tests alone (losses, update rule, model, data, the lesson's
 # graders), under a minute, for a fast loop while editing
 test: setup
@@ -34,4 +40,4 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
 
-.PHONY: setup demo test test-fast
+.PHONY: setup demo study test test-fast

@@ -510,8 +510,9 @@ def evaluate(path, name, run, baseline, sft_model, prompts, prompt_ids, pair_bat
     result = {**describe(path, name, run), "checkpoint": path, "judge": args.judge, "win_rate": rate, "win_rate_se": se,
               "kl_seq": kl_seq, "kl_token": kl_token, "mean_length": sum(map(len, completions)) / len(completions),
               "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
-    if args.judge == "gold":
-        result["gold_score"] = sum(extra(i, t) for i, t in enumerate(texts)) / len(texts)
+    if args.judge == "gold":  # per prompt too: the same prompts score every checkpoint, so they compare paired
+        result["gold_scores"] = [extra(i, t) for i, t in enumerate(texts)]
+        result["gold_score"] = sum(result["gold_scores"]) / len(texts)
     if args.judge.startswith("llm:"):  # this checkpoint's comparisons only: the judge's record is cleared above
         result["criteria"] = criteria_means(extra, enumerate(texts))
         result["baseline_criteria"] = criteria_means(extra, enumerate(baseline))
@@ -650,8 +651,9 @@ def main():
         os.remove(os.path.join(args.out_dir, name))
     names, results = run_names(runs), []
     if args.judge == "gold":  # the baseline itself, at KL 0, anchors the plot
+        scores = [judge[1](i, t) for i, t in enumerate(baseline)]
         results.append({"run": "baseline", "method": "sft", "step": 0, "kl_seq": 0.0, "kl_token": 0.0, "win_rate": 0.5,
-                        "gold_score": sum(judge[1](i, t) for i, t in enumerate(baseline)) / len(baseline),
+                        "gold_score": sum(scores) / len(scores), "gold_scores": scores,
                         "mean_length": sum(map(len, baseline_ids)) / len(baseline_ids), "checkpoint": args.baseline})
     print(f"{'checkpoint':<44} {'win rate':>13} {'gold':>6} {'KL seq':>8} {'KL/tok':>7} {'length':>7} {'rew.acc':>7}")
     json.dump({"prompts": prompts_set, "baseline": args.baseline, "max_length": max_length,

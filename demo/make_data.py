@@ -22,6 +22,7 @@ import gold
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the repository root, for model.py
 import model  # noqa: E402
+from flags import at_least, text  # noqa: E402
 
 
 def sample(policy, tokenizer, prompts, k, max_new_tokens, batch_size):
@@ -71,15 +72,15 @@ def report(name, pairs, n_prompts):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n_train_prompts", type=int, default=1200)
-    parser.add_argument("--n_eval_prompts", type=int, default=250)
-    parser.add_argument("--samples_per_prompt", type=int, default=4)
-    parser.add_argument("--max_pairs_per_prompt", type=int, default=2)
-    parser.add_argument("--max_new_tokens", type=int, default=32)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--out_dir", default=HERE)
+    parser.add_argument("--n_train_prompts", type=at_least(1), default=1200)
+    parser.add_argument("--n_eval_prompts", type=at_least(1), default=250)
+    parser.add_argument("--samples_per_prompt", type=at_least(2), default=4)
+    parser.add_argument("--max_pairs_per_prompt", type=at_least(1), default=2)
+    parser.add_argument("--max_new_tokens", type=at_least(1), default=32)
+    parser.add_argument("--batch_size", type=at_least(1), default=64)
+    parser.add_argument("--seed", type=at_least(0), default=0)
+    parser.add_argument("--model", type=text("a model"), default="smollm2-135m-instruct")
+    parser.add_argument("--out_dir", type=text("a folder"), default=HERE)
     args = parser.parse_args()
 
     torch.set_num_threads(2)

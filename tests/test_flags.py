@@ -7,6 +7,7 @@ the domain's own (flags.Domain.probes)."""
 import argparse
 import contextlib
 import functools
+import glob
 import io
 import os
 import re
@@ -25,7 +26,7 @@ from test_train import TINY_RUN
 
 ENTRY_POINTS = {  # script: the arguments it requires, as a run would give them
     "train.py": [], "evaluate.py": ["CKPT", "--baseline", "SFT"], "data.py": ["demo"], "plot.py": ["RUN"],
-    "toy.py": [], "bench.py": [],
+    "toy.py": [], "bench.py": [], "study.py": [], "demo/make_data.py": [],
 }
 
 
@@ -41,13 +42,14 @@ def parser_of(script):
     def catch(self, *args, **kwargs):
         caught.append(self)
         raise Parsed
-    saved = argparse.ArgumentParser.parse_args, sys.argv, sys.excepthook
+    saved = argparse.ArgumentParser.parse_args, sys.argv, sys.excepthook, list(sys.path)
     argparse.ArgumentParser.parse_args, sys.argv = catch, [script, *ENTRY_POINTS[script]]
+    sys.path.insert(0, os.path.dirname(os.path.join(ROOT, script)))  # as `python script` puts its folder first
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(Parsed):
             runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
     finally:
-        argparse.ArgumentParser.parse_args, sys.argv, sys.excepthook = saved
+        argparse.ArgumentParser.parse_args, sys.argv, sys.excepthook, sys.path[:] = saved
     assert caught, f"{script} parsed no arguments"
     return caught[0]
 
@@ -58,6 +60,13 @@ def flags_of(script):
 
 def name(action):
     return action.option_strings[0] if action.option_strings else action.dest
+
+
+def test_every_script_with_flags_is_an_entry_point_here():
+    """A new script's flags are covered only if it is listed above: one that parses arguments and is not fails."""
+    scripts = {os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, "*.py")) +
+               glob.glob(os.path.join(ROOT, "demo", "*.py")) if "ArgumentParser(" in open(path).read()}
+    assert scripts == set(ENTRY_POINTS), f"ENTRY_POINTS (with its required arguments): {scripts ^ set(ENTRY_POINTS)}"
 
 
 @pytest.mark.parametrize("script", ENTRY_POINTS)

@@ -1,0 +1,195 @@
+"""The paper's over-optimization experiment in one command: for each configuration (a method with its alpha/tau) and
+each seed, train (train.py), evaluate the run's checkpoints on held-out prompts (evaluate.py), then aggregate over the
+seeds: per configuration and step, the mean gold score, win rate against the SFT model and KL(pi || pi_SFT), each
+with its standard error across seeds, as a table and as quality against KL with error bars both ways.
+
+    python study.py                      # the CPU study: DPO, TR-DPO hard and soft on the demo, seeds 0-3
+    python study.py --seeds 0 1          # a part of it; the aggregate covers every finished run of the study
+    python study.py --launcher "torchrun --nproc_per_node 8" --train="..." --evaluate="..."   # README: the paper's
+
+A run (a configuration and a seed) trains into WORK/NAME-seedS, is evaluated into a fresh WORK/NAME-seedS-eval, and
+its records go to OUT's folder (results/study/NAME-seedS.json) only when both are done; then its checkpoints are
+deleted. A run whose file exists is skipped, and one that was stopped mid-training continues (--resume): a study can
+stop and go on across days and machines when those small files are committed. Seed s trains with --seed s (the order
+of the training pairs: the pretrained model starts the same in every run) and evaluates with --seed 2s (the policy's
+samples; the SFT model's take 2s + 1), so each seed replicates everything random. Within a seed every configuration
+is scored on the same prompts with the same sampling seeds and the same SFT samples: configurations compare paired.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+from checkpoint import completed
+from flags import at_least, text
+from guards import UserError, report_user_errors
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CONFIGS = ["--method dpo", "--method tr_dpo --tau 16", "--method tr_dpo --alpha 0.1"]  # RESULTS.md's three
+TRAIN = "--max_steps 64 --save_interval 32 --lr 3e-5 --beta 0.1 --eval_pairs 0 --log_interval 8"
+EVALUATE = "--baseline smollm2-135m-instruct --n_prompts 250 --max_new_tokens 48 --n_pairs 0"
+QUANTITIES = [("gold", "gold"), ("win_rate", "win rate"), ("kl", "KL seq"), ("mean_length", "length")]
+
+
+def name(config):
+    """A configuration's folder name from its flags: "--method tr_dpo --tau 16" -> "tr_dpo-tau16"."""
+    words = shlex.split(config)
+    pairs = dict(zip(words[::2], words[1::2]))
+    return "-".join([pairs.pop("--method", "tr_dpo")] + [k.lstrip("-") + v for k, v in pairs.items()])
+
+
+def call(command):
+    """Run train.py or evaluate.py as a user would; a failure stops the study, its run left to continue."""
+    print("$ " + shlex.join(command), flush=True)
+    status = subprocess.run(command).returncode
+    if status != 0:
+        raise UserError(f"this command failed (exit {status}); fix what it says and run the study again: finished runs "
+                        "are kept, this one continues")
+
+
+def run(config, seed, args, result):
+    """Train, evaluate, write the run's records to `result`, delete its checkpoints."""
+    out_dir = os.path.join(args.work, f"{name(config)}-seed{seed}")
+    started = time.time()
+    again = ["--resume"] if completed(out_dir) else ["--overwrite"]  # stopped mid-run: continue it
+    call([*shlex.split(args.launcher), os.path.join(HERE, "train.py"), *shlex.split(args.train), *shlex.split(config),
+          "--seed", str(seed), "--out_dir", out_dir, *again])
+    trained = time.time()
+    checkpoints = completed(out_dir)
+    eval_dir = out_dir + "-eval"
+    shutil.rmtree(eval_dir, ignore_errors=True)  # a fresh folder for every evaluation
+    call([sys.executable, os.path.join(HERE, "evaluate.py"), *checkpoints, *shlex.split(args.evaluate),
+          "--seed", str(2 * seed), "--out_dir", eval_dir])  # 2s and 2s + 1: no two seeds share a sampling stream
+    scored = json.load(open(os.path.join(eval_dir, "results.json")))
+    baseline = next((r for r in scored if r["checkpoint"] not in checkpoints), {})  # the SFT model's own samples
+    records = [{"config": config, "method": r["method"], "alpha": r["alpha"], "tau": r["tau"], "beta": r["beta"],
+                "seed": seed, "step": r["step"], "gold": r.get("gold_score"), "win_rate": r["win_rate"],
+                "win_rate_se": r["win_rate_se"], "kl": r["kl_seq"], "kl_token": r["kl_token"],
+                "mean_length": r["mean_length"], "baseline_gold": baseline.get("gold_score")}
+               for r in scored if r["checkpoint"] in checkpoints]
+    per_prompt = {str(r["step"]): r.get("gold_scores") for r in [baseline, *scored] if r.get("gold_scores")}
+    done = {"config": config, "seed": seed, "train": args.train, "evaluate": args.evaluate, "records": records,
+            "gold_per_prompt": per_prompt, "wall_s": {"train": trained - started, "evaluate": time.time() - trained}}
+    json.dump(done, open(result + ".tmp", "w"), indent=1)
+    os.replace(result + ".tmp", result)  # written whole or not at all: its presence means the run is done
+
+
+def mean_se(values):
+    """(mean, standard error of the mean across seeds); the error is nan for one seed."""
+    m = sum(values) / len(values)
+    var = sum((v - m) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else math.nan
+    return m, math.sqrt(var / len(values))
+
+
+def aggregate(records):
+    """{(config, step): (seeds, {quantity: (mean, s.e.)})} over the seeds; ("SFT", 0): the SFT model's own samples."""
+    sft = {r["seed"]: {"gold": r["baseline_gold"], "win_rate": 0.5, "kl": 0.0} for r in records}  # one per seed
+    groups = {("SFT", 0): list(sft.values())}
+    for r in records:
+        groups.setdefault((r["config"], r["step"]), []).append(r)
+    return {key: (len(rows), {q: mean_se([r[q] for r in rows]) for q, _ in QUANTITIES
+                              if all(r.get(q) is not None for r in rows)}) for key, rows in groups.items()}
+
+
+def report(records, configs, out):
+    """Print the table and the paired differences from the first configuration; draw quality against KL."""
+    if not records:
+        return print("no run of this study has finished yet")
+    table = aggregate(records)
+    print(f"\n{'configuration':<28} {'step':>4} {'seeds':>5} " + " ".join(f"{t:>15}" for _, t in QUANTITIES))
+    for (config, step), (n, stats) in table.items():
+        cells = [f"{stats[q][0]:7.3f} ± {stats[q][1]:5.3f}" if q in stats else f"{'-':>15}" for q, _ in QUANTITIES]
+        print(f"{config:<28} {step:>4} {n:>5} " + " ".join(cells))
+    first = configs[0]
+    by = {(r["config"], r["step"], r["seed"]): r for r in records}
+    print(f"\nminus {first}, same step and seed (paired: same prompts and sampling seeds), mean ± s.e. over seeds")
+    for config in configs[1:]:
+        for step in sorted({r["step"] for r in records if r["config"] == config}):
+            pairs = [(by[(config, step, s)], by[(first, step, s)]) for s in sorted({r["seed"] for r in records})
+                     if (config, step, s) in by and (first, step, s) in by]
+            if pairs:
+                cells = [f"{q} {m:+.3f} ± {se:.3f}" for q, _ in QUANTITIES[:3] if pairs[0][0][q] is not None
+                         for m, se in [mean_se([a[q] - b[q] for a, b in pairs])]]
+                print(f"{config:<28} {step:>4} {len(pairs):>5}  " + "   ".join(cells))
+    quality = "gold" if all(r["gold"] is not None for r in records) else "win_rate"
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    sft = table[("SFT", 0)][1]
+    for i, config in enumerate(c for c in configs if any(r["config"] == c for r in records)):
+        steps = [(step, stats) for (c, step), (n, stats) in sorted(table.items()) if c == config]
+        points = [sft] + [stats for step, stats in steps]
+        ax.errorbar([p["kl"][0] for p in points], [p[quality][0] for p in points], xerr=[p["kl"][1] for p in points],
+                    yerr=[p[quality][1] for p in points], fmt="o-", color=f"C{i}", capsize=3, markersize=4,
+                    label=name(config))
+        for step, stats in steps:
+            ax.annotate(str(step), (stats["kl"][0], stats[quality][0]), fontsize=7, xytext=(4, -10),
+                        textcoords="offset points")
+    ax.set_xlabel("KL(pi || pi_SFT), nats per sequence (policy samples)")
+    ax.set_ylabel({"gold": "gold score of samples", "win_rate": "win rate vs the SFT model"}[quality])
+    ax.set_title("mean over seeds, ± 1 s.e. both ways; the step beside each point, the SFT model at KL 0",
+                 fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.splitext(out)[0] + ".png", dpi=120)
+
+
+def check_same_study(folder, args):
+    """Every run of a study trains and evaluates alike: a run file made with other flags is refused."""
+    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        r = json.load(open(path))
+        if (r["train"], r["evaluate"]) != (args.train, args.evaluate):
+            raise UserError(f"{path} was made with --train={r['train']!r} --evaluate={r['evaluate']!r}, not with "
+                            "this command's: give the same flags, or another --out for another study")
+
+
+def main():
+    report_user_errors()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", nargs="+", type=text("train.py flags"), default=CONFIGS,
+                   help="train.py flags of each configuration")
+    p.add_argument("--seeds", nargs="+", type=at_least(0), default=[0, 1, 2, 3], help="the seeds to run now (a "
+                   "part)")
+    p.add_argument("--train", type=text("train.py flags"), default=TRAIN, help="train.py flags of every run (give it "
+                   "as --train=\"...\")")
+    p.add_argument("--evaluate", type=text("evaluate.py flags"), default=EVALUATE, help="evaluate.py flags of every "
+                   "run (--evaluate=\"...\")")
+    p.add_argument("--launcher", type=text("a command"), default=shlex.quote(sys.executable), help="what starts "
+                   "train.py, e.g. \"torchrun --nproc_per_node 8\" (default: this python)")
+    p.add_argument("--work", type=text("a folder"), default="out/study", help="checkpoints and evaluations, "
+                   "deleted once a run is done")
+    p.add_argument("--out", type=text("a .json path"), default="results/study.json", help="the records; beside it "
+                   "the figure (.png) and a folder of one small file per finished run")
+    args = p.parse_args()
+    folder = os.path.splitext(args.out)[0]
+    os.makedirs(folder, exist_ok=True)
+    check_same_study(folder, args)
+    for seed in args.seeds:
+        for config in args.configs:
+            result = os.path.join(folder, f"{name(config)}-seed{seed}.json")
+            if os.path.exists(result):
+                print(f"skipped {name(config)} seed {seed}: {result} holds its results")
+            else:
+                run(config, seed, args, result)
+            for checkpoint in completed(os.path.join(args.work, f"{name(config)}-seed{seed}")):
+                shutil.rmtree(checkpoint)  # only results are kept: a checkpoint of 135M parameters is 1.6 GB
+    runs = [json.load(open(path)) for path in sorted(glob.glob(os.path.join(folder, "*.json")))]
+    records = [record for r in runs for record in r["records"]]
+    json.dump(records, open(args.out, "w"), indent=1)
+    configs = list(dict.fromkeys([*args.configs, *(r["config"] for r in runs)]))
+    report(records, configs, args.out)
+    hours = [sum(r["wall_s"][part] for r in runs) / 3600 for part in ("train", "evaluate")]
+    print(f"\nwrote {args.out} ({len(records)} records of {len(runs)} runs, which took {hours[0]:.2f} h of training "
+          f"and {hours[1]:.2f} h of evaluation) and {folder}.png")
+
+
+if __name__ == "__main__":
+    main()
