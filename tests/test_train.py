@@ -372,25 +372,6 @@ def wandb_file(path):
     return records
 
 
-def test_wandb_gets_the_run_name_its_arguments_and_every_logged_record(tmp_path):
-    out = tmp_path / "tr_run"
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY_RUN, "--max_steps", "2",
-                             "--wandb", "trdpo-tests", "--out_dir", str(out)], capture_output=True, text=True,
-                            cwd=ROOT, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    records = wandb_records(out)
-    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
-    config = {item.key: json.loads(item.value_json) for item in run.config.update}
-    assert (run.display_name, run.project, config["method"], config["max_steps"]) == ("tr_run", "trdpo-tests",
-                                                                                      "tr_dpo", 2)
-    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item} for r in records
-               if r.WhichOneof("record_type") == "history"]
-    logged = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert [(h["step"], h["loss"], h["rewards/margins"]) for h in history] == \
-        [(r["step"], r["loss"], r["rewards/margins"]) for r in logged]
-
-
 def test_max_grad_norm_0_is_no_clipping_as_in_transformers(tmp_path):
     """transformers' Trainer (and so TRL) reads max_grad_norm 0 as no clipping; it scaled every gradient to 0 here
     (a run that logged log 2 and zero drift for hours). Unclipped: the same weights as a bound no gradient reaches."""
@@ -413,21 +394,26 @@ def test_an_interval_of_0_means_only_at_the_end(tmp_path):
     assert [(r["step"], r["eval/step"]) for r in records] == [(1, 0), (3, 3)]
 
 
-def test_wandb_with_resume_continues_the_same_wandb_run(tmp_path):
-    """The W&B run's id is kept with the checkpoint: a resume logs into the run it continues, not a second one."""
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+def test_wandb_gets_the_run_name_its_arguments_and_every_record_and_a_resume_continues_the_same_run(tmp_path):
+    """The W&B run is named after the run's folder, holds its arguments and every logged record; its id is kept with
+    the checkpoint, so a resume logs into the run it continues, not a second one."""
+    out, env = tmp_path / "tr_run", {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     for flags in (["--max_steps", "1"], ["--max_steps", "2", "--resume"]):  # the constant schedule: more steps allowed
         result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY_RUN, *flags, "--wandb",
-                                 "trdpo-tests", "--out_dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                                 "trdpo-tests", "--out_dir", str(out)], capture_output=True, text=True, cwd=ROOT,
                                 env=env)
         assert result.returncode == 0, result.stderr[-3000:]
-    records = wandb_records(tmp_path)
+    records = wandb_records(out)
     runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert len(runs) == 2 and runs[0].run_id == runs[1].run_id, [r.run_id for r in runs]
+    config = {item.key: json.loads(item.value_json) for item in runs[0].config.update}
+    assert (runs[0].display_name, runs[0].project, config["method"], config["max_steps"]) == ("tr_run", "trdpo-tests",
+                                                                                              "tr_dpo", 1)
     history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item} for r in records
                if r.WhichOneof("record_type") == "history"]
-    assert [(h["step"], h["loss"]) for h in history if "step" in h] == [(r["step"], r["loss"]) for r in
-                                                          map(json.loads, open(tmp_path / "metrics.jsonl"))]
+    keys = ("step", "loss", "rewards/margins")
+    assert [tuple(h[k] for k in keys) for h in history if "step" in h] == \
+        [tuple(r[k] for k in keys) for r in map(json.loads, open(out / "metrics.jsonl"))]
 
 
 def float64_nll(model, pairs):
