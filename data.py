@@ -211,9 +211,9 @@ def tokenize(rows, tokenizer, max_length, max_prompt_length, log=print, cache_di
         return []
     start = time.time()
     key = token_cache.key(rows, tokenizer, max_length, max_prompt_length, code=__file__)  # what the ids depend on
-    table, how = token_cache.table(rows, encode_pair, {"tokenizer": tokenizer, "ending": turn_end(tokenizer),
-                                                       "max_length": max_length, "max_prompt_length": max_prompt_length},
-                                   key, cache_dir, processes)
+    arguments = {"tokenizer": tokenizer, "ending": turn_end(tokenizer), "max_length": max_length,
+                "max_prompt_length": max_prompt_length}  # encode_pair(row, **arguments)
+    table, how = token_cache.table(rows, encode_pair, arguments, key, cache_dir, processes)
     refused(rows, table, tokenizer, skip_bad_rows, log)
     column = lambda name: table.data.column(name).to_pylist()  # noqa: E731
     status = column("status")
