@@ -83,11 +83,11 @@ def out(tmp_path_factory):
 
 # the first commands of Parts 1-3, run whole by the tests of what they print (below), are not run here again
 FULL = [next((s, c) for s, c in FENCED if s == part) for part in ("Part 1", "Part 2", "Part 3")]
+RUN_HERE = [(s, c) for s, c in COMMANDS if (s, c) not in FULL]
 
 
 @pytest.mark.slow  # runs train.py and other scripts: `make test` runs these, `make test-fast` not
-@pytest.mark.parametrize("section, command", [sc for sc in COMMANDS if sc not in FULL],
-                         ids=[f"{s}: {c[:60]}" for s, c in COMMANDS if (s, c) not in FULL])
+@pytest.mark.parametrize("section, command", RUN_HERE, ids=[f"{s}: {c[:60]}" for s, c in RUN_HERE])
 def test_every_command_of_the_lesson_runs(section, command, out):
     """Each runs (in the lesson's order: Part 5 evaluates Part 4's checkpoint); a part's command, reduced, still prints
     what the lesson tells students to look for."""
