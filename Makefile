@@ -32,10 +32,12 @@ SEEDS ?= 0 1 2 3
 study: setup
 	$(PY) study.py --seeds $(SEEDS)
 
-# everything, what CI runs (.ci/run); test-fast: the unit tests alone (losses, update rule, model, data, the lesson's
-# graders), under a minute, for a fast loop while editing
+# everything, what CI runs (.ci/run), in WORKERS processes (pytest-xdist; a file's tests stay in one, in order: more
+# on a bigger machine, make test WORKERS=8); test-fast: the unit tests alone (losses, update rule, model, data, the
+# lesson's graders), under a minute, for a fast loop while editing
+WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile tests
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests

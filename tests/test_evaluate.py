@@ -159,6 +159,7 @@ class FakeJudge(BaseHTTPRequestHandler):
 
 
 def test_llm_judge_talks_to_a_real_local_endpoint_and_parses_verdict_and_criteria():
+    FakeJudge.seen.clear()  # what this test's calls sent, not another test's (tests/test_evaluate_runs.py uses it too)
     server = HTTPServer(("127.0.0.1", 0), FakeJudge)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
