@@ -150,7 +150,7 @@ SWINGING = {("tr_dpo", "0.1", "1"), ("tr_dpo", "1.0", "8")}
 
 @pytest.mark.slow
 def test_the_toy_prints_the_quoted_table_at_the_stated_stability(out):
-    """Part 2's full run (about 45 s): every lowest point and its step to the digit, and every final figure but those
+    """Part 2's full run (about 40 s): every lowest point and its step to the digit, and every final figure but those
     of the rows the lesson names, which must stay within the range it gives."""
     text = " ".join(next(t for t in SECTIONS if section_name(t) == "Part 2").split())
     assert "final figures of the rows alpha 0.1 and tau 8" in text, "Part 2 no longer names its swinging rows"
