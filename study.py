@@ -1,7 +1,9 @@
 """The paper's over-optimization experiment in one command: for each configuration (a method with its alpha/tau) and
 each seed, train (train.py), evaluate the run's checkpoints on held-out prompts (evaluate.py), then aggregate over the
 seeds: per configuration and step, the mean gold score, win rate against the SFT model and KL(pi || pi_SFT), each
-with its standard error across seeds, as a table and as quality against KL with error bars both ways.
+with its standard error across seeds, as a table and as quality against KL with error bars both ways; and each
+configuration minus the first, paired within a seed: at the same step, and at the same KL where the first one's curve
+reaches it (the paper's claim is about quality at a given KL).
 
     python study.py                      # the CPU study: DPO, TR-DPO hard and soft on the demo, seeds 0-3
     python study.py --seeds 0 1          # a part of it; the aggregate covers every finished run of the study
@@ -97,6 +99,15 @@ def aggregate(records):
                               if all(r.get(q) is not None for r in rows)}) for key, rows in groups.items()}
 
 
+def at_kl(curve, kl):
+    """A curve's quality at `kl`, linear between its points [(kl, quality), ...]; None outside them (no guess)."""
+    curve = sorted(curve)
+    for (k0, q0), (k1, q1) in zip(curve, curve[1:]):
+        if k0 <= kl <= k1:
+            return q0 + (q1 - q0) * (kl - k0) / (k1 - k0) if k1 > k0 else (q0 + q1) / 2
+    return None
+
+
 def report(records, configs, out):
     """Print the table and the paired differences from the first configuration; draw quality against KL."""
     if not records:
@@ -107,8 +118,16 @@ def report(records, configs, out):
         cells = [f"{stats[q][0]:7.3f} ± {stats[q][1]:5.3f}" if q in stats else f"{'-':>15}" for q, _ in QUANTITIES]
         print(f"{config:<28} {step:>4} {n:>5} " + " ".join(cells))
     first = configs[0]
+    quality = "gold" if all(r["gold"] is not None for r in records) else "win_rate"
     by = {(r["config"], r["step"], r["seed"]): r for r in records}
-    print(f"\nminus {first}, same step and seed (paired: same prompts and sampling seeds), mean ± s.e. over seeds")
+    curves = {}  # seed -> the first configuration's curve: the SFT model at KL 0, then its checkpoints
+    for r in records:
+        if r["config"] == first:
+            curves.setdefault(r["seed"], [(0.0, r["baseline_gold"] if quality == "gold" else 0.5)])
+            curves[r["seed"]].append((r["kl"], r[quality]))
+    print(f"\nminus {first}, same step and seed (paired: same prompts and sampling seeds), mean ± s.e. over seeds; "
+          f"last, {quality} minus {first}'s at the same KL (its curve in that seed, linear between its points; the "
+          "seeds whose KL it reaches)")
     for config in configs[1:]:
         for step in sorted({r["step"] for r in records if r["config"] == config}):
             pairs = [(by[(config, step, s)], by[(first, step, s)]) for s in sorted({r["seed"] for r in records})
@@ -116,8 +135,12 @@ def report(records, configs, out):
             if pairs:
                 cells = [f"{q} {m:+.3f} ± {se:.3f}" for q, _ in QUANTITIES[:3] if pairs[0][0][q] is not None
                          for m, se in [mean_se([a[q] - b[q] for a, b in pairs])]]
+                own = [r for r, _ in pairs]
+                matched = [r[quality] - at_kl(curves[r["seed"]], r["kl"]) for r in own
+                           if at_kl(curves[r["seed"]], r["kl"]) is not None]
+                cells.append(f"at the same KL {mean_se(matched)[0]:+.3f} ± {mean_se(matched)[1]:.3f} in "
+                             f"{len(matched)} of {len(own)}" if matched else f"at the same KL: none of {len(own)}")
                 print(f"{config:<28} {step:>4} {len(pairs):>5}  " + "   ".join(cells))
-    quality = "gold" if all(r["gold"] is not None for r in records) else "win_rate"
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
