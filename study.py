@@ -89,10 +89,15 @@ def mean_se(values):
     return m, math.sqrt(var / len(values))
 
 
+def sft(record):
+    """The SFT model's point in a record's seed: its own samples' gold score, a win rate of 1/2 against itself, KL 0."""
+    return {"gold": record["baseline_gold"], "win_rate": 0.5, "kl": 0.0}
+
+
 def aggregate(records):
     """{(config, step): (seeds, {quantity: (mean, s.e.)})} over the seeds; ("SFT", 0): the SFT model's own samples."""
-    sft = {r["seed"]: {"gold": r["baseline_gold"], "win_rate": 0.5, "kl": 0.0} for r in records}  # one per seed
-    groups = {("SFT", 0): list(sft.values())}
+    sft_points = {r["seed"]: sft(r) for r in records}  # one per seed
+    groups = {("SFT", 0): list(sft_points.values())}
     for r in records:
         groups.setdefault((r["config"], r["step"]), []).append(r)
     return {key: (len(rows), {q: mean_se([r[q] for r in rows]) for q, _ in QUANTITIES
@@ -123,7 +128,7 @@ def report(records, configs, out):
     curves = {}  # seed -> the first configuration's curve: the SFT model at KL 0, then its checkpoints
     for r in records:
         if r["config"] == first:
-            curves.setdefault(r["seed"], [(0.0, r["baseline_gold"] if quality == "gold" else 0.5)])
+            curves.setdefault(r["seed"], [(0.0, sft(r)[quality])])
             curves[r["seed"]].append((r["kl"], r[quality]))
     print(f"\nminus {first}, same step and seed (paired: same prompts and sampling seeds), mean ± s.e. over seeds; "
           f"last, {quality} minus {first}'s at the same KL (its curve in that seed, linear between its points; the "
@@ -135,20 +140,20 @@ def report(records, configs, out):
             if pairs:
                 cells = [f"{q} {m:+.3f} ± {se:.3f}" for q, _ in QUANTITIES[:3] if pairs[0][0][q] is not None
                          for m, se in [mean_se([a[q] - b[q] for a, b in pairs])]]
-                own = [r for r, _ in pairs]
-                matched = [r[quality] - at_kl(curves[r["seed"]], r["kl"]) for r in own
-                           if at_kl(curves[r["seed"]], r["kl"]) is not None]
-                cells.append(f"at the same KL {mean_se(matched)[0]:+.3f} ± {mean_se(matched)[1]:.3f} in "
-                             f"{len(matched)} of {len(own)}" if matched else f"at the same KL: none of {len(own)}")
+                on_curve = [(r[quality], at_kl(curves[r["seed"]], r["kl"])) for r, _ in pairs]
+                matched = [q - q_first for q, q_first in on_curve if q_first is not None]
+                m, se = mean_se(matched) if matched else (None, None)
+                cells.append(f"at the same KL {m:+.3f} ± {se:.3f} in {len(matched)} of {len(pairs)}" if matched
+                             else f"at the same KL: none of {len(pairs)}")
                 print(f"{config:<28} {step:>4} {len(pairs):>5}  " + "   ".join(cells))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    sft = table[("SFT", 0)][1]
+    sft_stats = table[("SFT", 0)][1]
     for i, config in enumerate(c for c in configs if any(r["config"] == c for r in records)):
         steps = [(step, stats) for (c, step), (n, stats) in sorted(table.items()) if c == config]
-        points = [sft] + [stats for step, stats in steps]
+        points = [sft_stats] + [stats for step, stats in steps]
         ax.errorbar([p["kl"][0] for p in points], [p[quality][0] for p in points], xerr=[p["kl"][1] for p in points],
                     yerr=[p[quality][1] for p in points], fmt="o-", color=f"C{i}", capsize=3, markersize=4,
                     label=name(config))
