@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 import flags
+import guards
 from guards import UserError
 from model import load_model
 
@@ -85,22 +86,55 @@ def completed(out_dir):
     return sorted(d for d in glob.glob(os.path.join(out_dir, "step_*")) if not d.endswith(".tmp"))
 
 
-def prepare_out_dir(out_dir, resume, overwrite):
+def check_deletion(doomed, inputs, allowed, refusal):
+    """The one owner of every deletion (train.py's, evaluate.py's, study.py's): `doomed`, the paths a command would
+    delete or replace, may go only where `allowed` (the folder holds nothing of the kind, its record is this run's, or
+    --overwrite was given), else UserError(refusal); and never where an input of the command ((flag, path) pairs: a
+    model, a data file or folder, resolved) lies in one of them, --overwrite or not."""
+    for flag, value in inputs:
+        path = value and os.path.realpath(os.path.expanduser(value))
+        for d in doomed:
+            if path and os.path.exists(path) and os.path.commonpath([path, os.path.realpath(d)]) == os.path.realpath(d):
+                raise UserError(f"{flag} {value} lies in {d}, which this command would delete: copy it out first (or "
+                                "name the copy), or choose another --out_dir")
+    if doomed and not allowed:
+        raise UserError(refusal)
+
+
+def prepare_out_dir(out_dir, args):
     """Refuse to mix two runs in one folder; delete nothing yet (`clear_out_dir` does, once every check has passed).
-    Returns the checkpoint to resume from, or None for a fresh run. `resume` "auto": the latest checkpoint if there
-    is one, else a fresh run that replaces what a start killed before its first checkpoint left (a requeue loop)."""
-    done = completed(out_dir) if resume else []
+    Returns the checkpoint to resume from, or None for a fresh run. `--resume auto`: the latest checkpoint if there
+    is one, else a fresh run that replaces what a killed start of this same run left (a requeue loop; clear_out_dir
+    compares its args.json). Never a folder that holds an input of the run (--model, --dataset, --data_dir)."""
+    done = completed(out_dir) if args.resume else []
     if done:
         return done[-1]
-    if resume and resume != "auto":
+    if args.resume and args.resume != "auto":
         raise UserError(f"--resume found no complete checkpoint (step_*) in {out_dir}; --resume auto starts the run "
                         "where there is none")
     leftovers = run_files(out_dir)
-    if leftovers and not (overwrite or resume):
-        names = ", ".join(os.path.basename(p) for p in leftovers[:4])
-        raise UserError(f"{out_dir} already holds a run ({names}). Continue it with --resume, replace it with "
-                        "--overwrite, or choose another --out_dir.")
+    names = ", ".join(os.path.basename(p) for p in leftovers[:4])
+    check_deletion(leftovers, run_inputs(args), args.overwrite or args.resume,
+                   f"{out_dir} already holds a run ({names}). Continue it with --resume, replace it with --overwrite, "
+                   "or choose another --out_dir.")
     return None
+
+
+def run_inputs(args):
+    """What a train.py run reads, by flag: never deleted to make room for its outputs."""
+    return [("--model", args.model), ("--dataset", args.dataset), ("--data_dir", args.data_dir)]
+
+
+def replace_outputs(staged, out_dir, earlier):
+    """Swap a command's outputs in once all are written (under `staged`, a folder in out_dir), each file by an atomic
+    rename, then delete the earlier call's files that none replaced (`earlier`: passed check_deletion). A command
+    stopped or failed before this leaves the earlier outputs as they were."""
+    written = os.listdir(staged)
+    for name in written:
+        os.replace(os.path.join(staged, name), os.path.join(out_dir, name))
+    for name in set(earlier) - set(written):
+        os.remove(os.path.join(out_dir, name))
+    os.rmdir(staged)
 
 
 def run_files(out_dir):
@@ -108,16 +142,27 @@ def run_files(out_dir):
     return sorted(p for pattern in RUN_FILES for p in glob.glob(os.path.join(out_dir, pattern)))
 
 
-def clear_out_dir(out_dir, master):
+def clear_out_dir(out_dir, run, parser, master):
     """A fresh run's first write: delete what an old run left (prepare_out_dir allowed it: --overwrite, or --resume
-    auto without a checkpoint). Called only once the model, the data, the lengths and the batches have passed, so
-    that a run refused for any of them leaves the old run as it was."""
+    auto without a checkpoint, where the folder's record, args.json, must then be this run's: a killed start of it),
+    then write this run's args.json (as in force: alpha, tau, max_steps). Called only once the model, the data, the
+    lengths and the batches have passed, so that a run refused for any of them leaves the old run as it was."""
+    record = os.path.join(out_dir, "args.json")
+    if not run["overwrite"] and run_files(out_dir):  # --resume auto: rank 0 checks first, and alone says why not
+        with guards.rank_zero_first():
+            if not os.path.exists(record):
+                raise UserError(f"{out_dir} holds a run's files but no args.json, so whose they are cannot be told: "
+                                "replace them with --overwrite, or choose another --out_dir")
+            check_same_run(json.load(open(record)), run, parser, f"{out_dir} (its args.json; no checkpoint)")
     if dist.is_initialized():
         dist.barrier()  # every rank is past its checks before rank 0 deletes anything
     if master:
         for path in run_files(out_dir):
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         os.makedirs(out_dir, exist_ok=True)
+        with open(record + ".tmp", "w") as f:  # first: a start killed from here on is known as this run's
+            json.dump(run, f, indent=1)
+        os.replace(record + ".tmp", record)
     if dist.is_initialized():
         dist.barrier()
 

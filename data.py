@@ -10,6 +10,7 @@ Inspect a data set before training:  python data.py hh --model EleutherAI/pythia
 import argparse
 import collections
 import hashlib
+import itertools
 import json
 import time
 
@@ -30,6 +31,11 @@ from sources import DataError, load_rows, prompt_groups, report
 # without a system role) is a bad row, named with the template's message. We never rewrite the messages to please a
 # template (e.g. fold a system message into the first user turn): the prompt would change silently, and per model.
 REFUSED = "refused by the chat template"
+# A special token's text written in a row (<|im_end|>, <|endoftext|>, <|eot_id|> in a scraped answer or prompt) would
+# be read as that token: an end of turn mid-answer, which the policy learns to stop at, or a turn injected into the
+# prompt. Such a row is a bad row too, named with the token; its text is never tokenized as plain text instead, since
+# the model could not tell it from the token when it writes it.
+SPECIAL = "special-token text"
 
 
 def plain_prompt(messages):
@@ -176,9 +182,23 @@ def fit_pair(row, tokenizer, ending, max_length, max_prompt_length):
             "text_cut": text_cut, "completion_cut": completion_cut, "status": status, "refusal": ""}
 
 
+def special_text(row, tokenizer):
+    """'<token> in its chosen' for the first special token whose text a row's prompt or answers hold, else ''."""
+    prompt = json.loads(row["prompt"])
+    texts = {"prompt": [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt],
+             "chosen": [row["chosen"]], "rejected": [row["rejected"]]}
+    added = tokenizer.added_tokens_decoder.values()
+    specials = sorted({*tokenizer.all_special_tokens, *(t.content for t in added if t.special)} - {""})
+    return next((f"{token} in its {part}" for part, parts in texts.items() for token in specials
+                 if any(token in text for text in parts)), "")
+
+
 def encode_pair(row, tokenizer, ending, max_length, max_prompt_length):
     """fit_pair's result, or for a row whose prompt or prompt + answer the chat template refuses, status REFUSED and
-    the template's own message (kept in the cache like any result: a refused row is not rendered again)."""
+    the template's own message (kept in the cache like any result: a refused row is not rendered again); for a row
+    that writes a special token's text, status SPECIAL and the token."""
+    if found := special_text(row, tokenizer):
+        return {**NO_IDS, "status": SPECIAL, "refusal": found}
     try:
         return fit_pair(row, tokenizer, ending, max_length, max_prompt_length)
     except TemplateError as e:  # what a template's raise_exception raises
@@ -186,15 +206,21 @@ def encode_pair(row, tokenizer, ending, max_length, max_prompt_length):
 
 
 def refused(rows, table, tokenizer, skip_bad_rows, log):
-    """Rows the chat template refused are bad rows: named with their place and the template's message, an error
-    unless skip_bad_rows (see skips_bad_rows), else counted in the log."""
-    problems = [(rows[i].get("where", f"row {i}"), f"{REFUSED}: {refusal}")
+    """Rows the chat template refused, and rows that write a special token's text, are bad rows: named with their
+    place and the template's message or the token, an error unless skip_bad_rows (see skips_bad_rows), else counted
+    in the log."""
+    statuses = table.data.column("status").to_pylist()
+    problems = [(rows[i].get("where", f"row {i}"), f"{statuses[i]}: {refusal}")
                 for i, refusal in enumerate(table.data.column("refusal").to_pylist()) if refusal]
+    advice = {REFUSED: f"the chat template of {tokenizer.name_or_path} refuses them: rewrite them as it requires "
+                       "(often: a user turn first, then turns that alternate, a system message only where it has a "
+                       "system role)",
+              SPECIAL: f"the tokenizer of {tokenizer.name_or_path} would read that text as the special token itself "
+                       "(an end of turn mid-answer, a turn injected into the prompt): remove it from the rows"}
     if problems and not skip_bad_rows:
-        raise DataError(f"{report(problems, len(rows), 20)}\nthe chat template of {tokenizer.name_or_path} refuses "
-                        "them: rewrite them as it requires (often: a user turn first, then turns that alternate, a "
-                        "system message only where it has a system role), or pass --skip_bad_rows to leave them out "
-                        "(they are counted)")
+        kinds = [advice[k] for k in advice if k in statuses]
+        raise DataError(f"{report(problems, len(rows), 20)}\n" + "; ".join(kinds) + ", or pass --skip_bad_rows to "
+                        "leave them out (they are counted)")
     if problems:
         log(f"skipped {report(problems, len(rows), 5)}")
 
@@ -204,7 +230,8 @@ def tokenize(rows, tokenizer, max_length, max_prompt_length, log=print, cache_di
     """Rows -> examples {"prompt", "chosen", "rejected": int32 tensors, "row": index}. Prints what it cut and dropped
     and the time it took. The result is kept on disk under cache_dir (default $TRDPO_TOKENIZED, or
     ~/.cache/trdpo/tokenized; token_cache.py): a second run, and the other ranks under torchrun, read it back.
-    Rows the chat template refuses stop with their places, or with skip_bad_rows are left out and counted."""
+    Rows the chat template refuses, or that write a special token's text, stop with their places, or with
+    skip_bad_rows are left out and counted."""
     if not 0 < max_prompt_length < max_length:
         raise DataError(f"--max_prompt_length {max_prompt_length} must be between 0 and --max_length {max_length}")
     if not rows:
@@ -222,7 +249,8 @@ def tokenize(rows, tokenizer, max_length, max_prompt_length, log=print, cache_di
                 for i, s in enumerate(status) if s == "kept"]
     counts = {"prompt turns dropped": sum(column("turns_dropped")), "prompt text cut": sum(column("text_cut")),
               "completion cut": sum(column("completion_cut")),
-              **{s: status.count(s) for s in ("dropped (same tokens)", "dropped (prompt cannot fit)", REFUSED)}}
+              **{s: status.count(s) for s in ("dropped (same tokens)", "dropped (prompt cannot fit)", REFUSED,
+                                              SPECIAL)}}
     end = turn_end(tokenizer).token  # said where it differs from the EOS (Llama-3: <|eot_id|>, not <|end_of_text|>)
     ending = "" if end == tokenizer.eos_token_id else (f"; completions end with the chat template's end of turn "
                                                        f"{tokenizer.convert_ids_to_tokens(end)!r}, not with its EOS "
@@ -278,8 +306,8 @@ def to_device(batch, device):
 def collate(examples, pad_id, method="dpo", max_length=None, neighbours=None):
     """Pairs -> one batch. dpo/ipo: rows [chosen_0..chosen_B-1, rejected_0..rejected_B-1]. sft: the chosen rows.
     kto: the same 2B rows as unpaired examples (chosen desirable), plus "kl": each prompt with the chosen and the
-    rejected completion of its neighbour, the next pair of the global batch (mismatched pairs, Ethayarajh et al.),
-    on which KL(pi || ref) is estimated."""
+    rejected completion of its neighbour, the next pair with another prompt (Batches.neighbour; mismatched pairs,
+    Ethayarajh et al.), on which KL(pi || ref) is estimated."""
     chosen = [(e["prompt"], e["chosen"]) for e in examples]
     rejected = [(e["prompt"], e["rejected"]) for e in examples]
     batch = pad(chosen if method == "sft" else chosen + rejected, pad_id)
@@ -340,10 +368,24 @@ class Batches:
         return [self.examples[j] for j in self.epoch_order(epoch)[i * self.batch_size: (i + 1) * self.batch_size]]
 
     def __call__(self, index):
-        """This rank's micro-batches of global batch `index`: lists of (pair, its neighbour in the global batch)."""
+        """This rank's micro-batches of global batch `index`: lists of (pair, its neighbour)."""
         batch = self.pairs(index)
-        mine = [(batch[k], batch[(k + 1) % len(batch)]) for k in range(self.rank, len(batch), self.world_size)]
+        mine = [(batch[k], self.neighbour(batch, k, index)) for k in range(self.rank, len(batch), self.world_size)]
         return [mine[m: m + self.micro_batch_size] for m in range(0, len(mine), self.micro_batch_size)]
+
+    def neighbour(self, batch, k, index):
+        """KTO's mismatched pair for pair k of a global batch: the next pair after it (wrapping round the batch, then
+        on in the epoch's order) whose prompt is another one. The next pair alone would often share its prompt where a
+        prompt has several pairs and --group_by_length puts them side by side. The same on any layout; a data set of
+        one prompt has no other, and gets the next pair."""
+        epoch = self.epoch_order(index // self.per_epoch)
+        others = itertools.chain(batch[k + 1:], batch[:k], (self.examples[j] for j in epoch))
+        return next((e for e in others if not same_prompt(e, batch[k])), batch[(k + 1) % len(batch)])
+
+
+def same_prompt(a, b):
+    """Whether two pairs have one prompt: compared by the prompt's tokens as the model sees them."""
+    return torch.equal(a["prompt"], b["prompt"])
 
 
 # ----------------------------------------------------------------------------------------------------------------

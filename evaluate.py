@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import urllib.error
 import urllib.request
@@ -40,7 +41,7 @@ from tqdm import tqdm
 
 import checkpoint
 from data import REFUSED, collate, fingerprint, pad, render, shorten, to_device, tokenize, turn_end
-from flags import at_least, text
+from flags import at_least, random_seed, text
 from guards import UserError, report_user_errors
 from locate import locate, reading
 from model import load_model, load_tokenizer, sequence_logps
@@ -372,14 +373,20 @@ def check_data_hash(runs, train_rows, held, dataset):
                             "read it, or on another data set (--prompts)")
 
 
-def earlier_outputs(out_dir, overwrite):
-    """The files of an earlier call in --out_dir: refused unless --overwrite (main removes them when it writes its own,
-    after every check), so that one folder never mixes two calls' results."""
+def earlier_outputs(args):
+    """The files of an earlier call in --out_dir: refused unless --overwrite, and never where an input (a checkpoint,
+    the baseline, the prompts, the reward model) is one of them (checkpoint.check_deletion). main writes its own
+    files aside and swaps them in when all are written (checkpoint.replace_outputs), so that one folder never mixes
+    two calls' results and a call that fails leaves the earlier one's as they were."""
+    out_dir = args.out_dir
     earlier = sorted(f for f in os.listdir(out_dir) if re.fullmatch(
         r"results\.json|scored_rows\.json|quality_vs_kl\.png|.+_step_\d+\.json", f)) if os.path.isdir(out_dir) else []
-    if earlier and not overwrite:
-        raise UserError(f"--out_dir {out_dir} holds an earlier evaluation ({', '.join(earlier[:3])}"
-                        f"{', ...' if len(earlier) > 3 else ''}): pass another --out_dir, or --overwrite to replace it")
+    inputs = [*(("checkpoint", c) for c in args.checkpoints), ("--baseline", args.baseline),
+              ("--prompts", args.prompts), ("--judge rm:", args.judge.removeprefix("rm:"))]
+    checkpoint.check_deletion([os.path.join(out_dir, f) for f in earlier], inputs, args.overwrite,
+                              f"--out_dir {out_dir} holds an earlier evaluation ({', '.join(earlier[:3])}"
+                              f"{', ...' if len(earlier) > 3 else ''}): pass another --out_dir, or --overwrite to "
+                              "replace it")
     return earlier
 
 
@@ -574,7 +581,7 @@ def parse_args():
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="the weights of policy and SFT "
                    "model; auto = bf16 on CUDA (half the memory), fp32 on the CPU")
     p.add_argument("--batch_size", type=at_least(1), default=32)
-    p.add_argument("--seed", type=at_least(0), default=0)
+    p.add_argument("--seed", type=random_seed(), default=0)
     p.add_argument("--out_dir", type=text("a folder"), default="out/eval")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation's files in --out_dir")
     args = p.parse_args()
@@ -593,7 +600,7 @@ def main():
                                         and torch.cuda.is_bf16_supported())
     dtype = torch.bfloat16 if use_bf16 else torch.float32  # bf16 weights: half the memory of fp32 (75 GB for 8B)
 
-    earlier = earlier_outputs(args.out_dir, args.overwrite)
+    earlier = earlier_outputs(args)
     # every model argument located before anything loads: a typo in the last checkpoint stops now, not in an hour
     for path in args.checkpoints:
         locate(path, "checkpoint")
@@ -646,9 +653,9 @@ def main():
                           desc=f"sampling {args.baseline}")
     baseline = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in baseline_ids]
 
-    os.makedirs(args.out_dir, exist_ok=True)
-    for name in earlier:  # --overwrite
-        os.remove(os.path.join(args.out_dir, name))
+    staged = os.path.join(args.out_dir, "writing.tmp")  # swapped in when complete: a failure leaves earlier results
+    shutil.rmtree(staged, ignore_errors=True)  # what a call that failed left
+    os.makedirs(staged)
     names, results = run_names(runs), []
     if args.judge == "gold":  # the baseline itself, at KL 0, anchors the plot
         scores = [judge[1](i, t) for i, t in enumerate(baseline)]
@@ -659,22 +666,23 @@ def main():
     json.dump({"prompts": prompts_set, "baseline": args.baseline, "max_length": max_length,
                "max_prompt_length": max_prompt_length, "sampled": prompts,
                "pairs": [test_rows[e["row"]]["where"] for e in pairs]},
-              open(os.path.join(args.out_dir, "scored_rows.json"), "w"), indent=1)  # what was scored, for the record
+              open(os.path.join(staged, "scored_rows.json"), "w"), indent=1)  # what was scored, for the record
     for path in args.checkpoints:
         r = evaluate(path, names[path], runs[path], baseline, sft_model, prompts, prompt_ids, pair_batches,
                      sft_pair_logps, judge, args, dtype, device)
         results.append(r)
         name = f"{r['run']}/step_{r['step']}"
-        json.dump(r, open(os.path.join(args.out_dir, name.replace("/", "_") + ".json"), "w"), indent=1)
+        json.dump(r, open(os.path.join(staged, name.replace("/", "_") + ".json"), "w"), indent=1)
         print(f"{name:<44} {r['win_rate']:>6.3f} ± {r['win_rate_se']:.3f} {r.get('gold_score', math.nan):>6.3f} "
               f"{r['kl_seq']:>8.3f} {r['kl_token']:>7.4f} {r['mean_length']:>7.1f} "
               f"{r.get('reward_accuracy', math.nan):>7.3f}", flush=True)
     if args.judge == "gold":
         print(f"(baseline gold score {results[0]['gold_score']:.3f}, mean length {results[0]['mean_length']:.1f})")
     quality = "gold_score" if args.judge == "gold" else "win_rate"
-    plot(results, os.path.join(args.out_dir, "quality_vs_kl.png"), quality)
+    plot(results, os.path.join(staged, "quality_vs_kl.png"), quality)
     json.dump([{k: v for k, v in r.items() if k != "samples"} for r in results],
-              open(os.path.join(args.out_dir, "results.json"), "w"), indent=1)
+              open(os.path.join(staged, "results.json"), "w"), indent=1)
+    checkpoint.replace_outputs(staged, args.out_dir, earlier)  # --overwrite: the earlier call's files go only now
     print(f"wrote {args.out_dir}/results.json and {args.out_dir}/quality_vs_kl.png")
 
 

@@ -6,9 +6,10 @@ argparse before anything loads, in one sentence that names the flag (`error: arg
     p.add_argument("--label_smoothing", type=in_range(0.0, 0.5), ...)      # [0, 0.5)
     p.add_argument("--model", type=text("a model: built-in, folder, .json, .gguf or hub id"), ...)  # checked where used
 
-Every flag of every entry point has one (tests/test_flags.py tries 0, a negative, an absurd value and the wrong type
-on each). A flag whose meaning depends on the run's length (a schedule over the run) says so with `run_length`;
-a resume may then not change the run's length (checkpoint.check_same_run).
+Every flag of every entry point has one (tests/test_flags.py tries 0, a negative, an absurd value, an integer beyond
+64 bits and the wrong type on each, and train.py's accepted values on a model with learned positions). A flag whose
+meaning depends on the run's length (a schedule over the run) says so with `run_length`; a resume may then not change
+the run's length (checkpoint.check_same_run).
 """
 import argparse
 
@@ -16,7 +17,7 @@ import argparse
 class Domain:
     """An argparse type: converts the command line's text with `kind`, refuses what `ok` refuses, says `text`."""
 
-    def __init__(self, kind, ok, text, probes=("0", "-1", "1000000000", "x")):
+    def __init__(self, kind, ok, text, probes=("0", "-1", "1000000000", str(2**64), "x")):
         self.kind, self.ok, self.text, self.probes = kind, ok, text, probes  # probes: what tests/test_flags.py tries
         self.__name__ = text  # argparse names the type in some of its own messages
 
@@ -33,6 +34,12 @@ class Domain:
 def at_least(low, zero=None):
     """A number >= low, of low's type (int or float); `zero`: what 0 means, where 0 is allowed and means something."""
     return Domain(type(low), lambda v: v >= low, f"at least {low:g}" + (f" (0: {zero})" if zero else ""))
+
+
+def random_seed():
+    """A seed: an int in [0, 2^32), which every generator the code seeds takes, through every formula that derives
+    one from it (data.Batches: seed * 1_000_003 + epoch; evaluate.py: seed + 1)."""
+    return Domain(int, lambda v: 0 <= v < 2**32, "an integer from 0 to 2^32 - 1")
 
 
 def positive():

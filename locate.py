@@ -51,9 +51,10 @@ def named(flag, name):
 def reading(flag, name, kind, path):
     """transformers' errors in reading a model (a broken config.json, a cut download, a file that is no GGUF) as one
     sentence naming the argument and what it was taken for."""
+    from safetensors import SafetensorError
     try:
         yield
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a damaged or cut .safetensors file
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         where = "" if path == name else f" at {path}"
         raise UserError(f"{named(flag, name)} (taken for {TAKEN_FOR[kind]}{where}) cannot be read: {first}") from e
@@ -189,7 +190,23 @@ def locate(name, flag="--model"):
     if kind == "builtin":
         folder = default_model_folder()
         return Source("builtin", folder, folder)
-    return hub_source(name, flag) if kind == "hub" else path_source(name, flag)
+    source = hub_source(name, flag) if kind == "hub" else path_source(name, flag)
+    check_weights(source, flag, name)
+    return source
+
+
+def check_weights(source, flag, name):
+    """Every .safetensors file of a model folder opened (its header: a few kilobytes), so that one cut short or
+    damaged is a sentence naming it now, not a traceback once the data is tokenized. (A damaged .bin is transformers'
+    OSError when it loads, which `reading` words.)"""
+    from safetensors import SafetensorError, safe_open
+    for path in sorted(glob.glob(os.path.join(source.path, "*.safetensors"))) if os.path.isdir(source.path) else []:
+        try:
+            with safe_open(path, "pt"):
+                pass
+        except (OSError, SafetensorError) as e:
+            raise UserError(f"{named(flag, name)}: its weights file {path} cannot be read ({e}): it is damaged or cut "
+                            "short; download or save the model again")
 
 
 def resolve(name, flag="--model"):

@@ -84,6 +84,17 @@ def load_config(name, flag="--model"):
     return source_config(locate(name, flag), flag, name)
 
 
+def learned_positions(config):
+    """The positions a model of `config` has an embedding for (GPT-2's wpe, OPT's embed_positions): no longer
+    sequence can pass its forward. None where positions are computed (rotary, ALiBi). Read from the model built on the
+    meta device: no memory, no weights read."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    tokens = model.get_input_embeddings()
+    learned = any(isinstance(m, torch.nn.Embedding) and m is not tokens for m in model.modules())
+    return getattr(config, "max_position_embeddings", None) if learned else None
+
+
 def dropout_off(model):
     """p = 0 in every nn.Dropout, in case a family hard-codes a rate its config does not name. Policy and reference
     log-ratios must be deterministic, also in train mode (gradient checkpointing needs it)."""

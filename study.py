@@ -9,13 +9,14 @@ reaches it (the paper's claim is about quality at a given KL).
     python study.py --seeds 0 1          # a part of it; the aggregate covers every finished run of the study
     python study.py --launcher "torchrun --nproc_per_node 8" --train="..." --evaluate="..."   # README: the paper's
 
-A run (a configuration and a seed) trains into WORK/NAME-seedS, is evaluated into a fresh WORK/NAME-seedS-eval, and
-its records go to OUT's folder (results/study/NAME-seedS.json) only when both are done; then its checkpoints are
-deleted. A run whose file exists is skipped, and one that was stopped mid-training continues (--resume): a study can
-stop and go on across days and machines when those small files are committed. Seed s trains with --seed s (the order
-of the training pairs: the pretrained model starts the same in every run) and evaluates with --seed 2s (the policy's
-samples; the SFT model's take 2s + 1), so each seed replicates everything random. Within a seed every configuration
-is scored on the same prompts with the same sampling seeds and the same SFT samples: configurations compare paired.
+A run (a configuration and a seed) trains into WORK/NAME-seedS, is evaluated into WORK/NAME-seedS-eval (replacing
+an evaluation cut short), and its records go to OUT's folder (results/study/NAME-seedS.json) only when both are done;
+then its checkpoints are deleted. A run whose file exists is skipped, and one that was stopped mid-training continues
+(--resume auto): a study can stop and go on across days and machines when those small files are committed. Seed s
+trains with --seed s (the order of the training pairs: the pretrained model starts the same in every run) and
+evaluates with --seed 2s (the policy's samples; the SFT model's take 2s + 1), so each seed replicates everything
+random. Within a seed every configuration is scored on the same prompts with the same sampling seeds and the same SFT
+samples: configurations compare paired.
 """
 import argparse
 import glob
@@ -28,8 +29,8 @@ import subprocess
 import sys
 import time
 
-from checkpoint import completed
-from flags import at_least, text
+from checkpoint import check_deletion, completed
+from flags import random_seed, text
 from guards import UserError, report_user_errors
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -55,18 +56,22 @@ def call(command):
                         "are kept, this one continues")
 
 
+def run_inputs(config, args):
+    """What a run reads, by flag (train.py's --model, --dataset, --data_dir): never deleted with its checkpoints."""
+    words = [*shlex.split(args.train), *shlex.split(config)]
+    return [(w, words[i + 1]) for i, w in enumerate(words[:-1]) if w in ("--model", "--dataset", "--data_dir")]
+
+
 def run(config, seed, args, result):
     """Train, evaluate, write the run's records to `result`, delete its checkpoints."""
     out_dir = os.path.join(args.work, f"{name(config)}-seed{seed}")
     started = time.time()
-    again = ["--resume"] if completed(out_dir) else ["--overwrite"]  # stopped mid-run: continue it
     call([*shlex.split(args.launcher), os.path.join(HERE, "train.py"), *shlex.split(args.train), *shlex.split(config),
-          "--seed", str(seed), "--out_dir", out_dir, *again])
+          "--seed", str(seed), "--out_dir", out_dir, "--resume", "auto"])  # stopped mid-run: continue it
     trained = time.time()
     checkpoints = completed(out_dir)
     eval_dir = out_dir + "-eval"
-    shutil.rmtree(eval_dir, ignore_errors=True)  # a fresh folder for every evaluation
-    call([sys.executable, os.path.join(HERE, "evaluate.py"), *checkpoints, *shlex.split(args.evaluate),
+    call([sys.executable, os.path.join(HERE, "evaluate.py"), *checkpoints, *shlex.split(args.evaluate), "--overwrite",
           "--seed", str(2 * seed), "--out_dir", eval_dir])  # 2s and 2s + 1: no two seeds share a sampling stream
     scored = json.load(open(os.path.join(eval_dir, "results.json")))
     baseline = next((r for r in scored if r["checkpoint"] not in checkpoints), {})  # the SFT model's own samples
@@ -184,7 +189,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", type=text("train.py flags"), default=CONFIGS,
                    help="train.py flags of each configuration")
-    p.add_argument("--seeds", nargs="+", type=at_least(0), default=[0, 1, 2, 3], help="the seeds to run now (a "
+    p.add_argument("--seeds", nargs="+", type=random_seed(), default=[0, 1, 2, 3], help="the seeds to run now (a "
                    "part)")
     p.add_argument("--train", type=text("train.py flags"), default=TRAIN, help="train.py flags of every run (give it "
                    "as --train=\"...\")")
@@ -207,7 +212,9 @@ def main():
                 print(f"skipped {name(config)} seed {seed}: {result} holds its results")
             else:
                 run(config, seed, args, result)
-            for checkpoint in completed(os.path.join(args.work, f"{name(config)}-seed{seed}")):
+            checkpoints = completed(os.path.join(args.work, f"{name(config)}-seed{seed}"))
+            check_deletion(checkpoints, run_inputs(config, args), os.path.exists(result), f"{result} is missing")
+            for checkpoint in checkpoints:
                 shutil.rmtree(checkpoint)  # only results are kept: a checkpoint of 135M parameters is 1.6 GB
     runs = [json.load(open(path)) for path in sorted(glob.glob(os.path.join(folder, "*.json")))]
     records = [record for r in runs for record in r["records"]]

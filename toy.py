@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flags import at_least, positive, text
+from flags import at_least, positive, random_seed, text
 from guards import report_user_errors
 from losses import dpo_loss, ipo_loss, kto_loss
 from plot import FIGURE_TYPES
@@ -202,7 +202,7 @@ def table_row(method, alpha, tau, history):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seed", type=at_least(0), default=0, help="draws the SFT data and the pairs; training is "
+    p.add_argument("--seed", type=random_seed(), default=0, help="draws the SFT data and the pairs; training is "
                    "deterministic")
     p.add_argument("--steps", type=at_least(1), default=1000)
     # Adam moves each logit by at most ~lr per step: 0.05 x 1000 steps allows tens of nats, enough to saturate

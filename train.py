@@ -10,7 +10,6 @@ It reads in the order a run happens: arguments, processes, data, models, one mic
 import argparse
 import contextlib
 import copy
-import json
 import math
 import os
 import time
@@ -26,9 +25,9 @@ import fsdp
 import guards
 import memory
 from data import Batches, collate, fingerprint, held_out_batches, to_device, tokenize
-from flags import at_least, positive, run_length, text
+from flags import at_least, positive, random_seed, run_length, text
 from losses import METHODS
-from locate import DEFAULT_MODEL, locate
+from locate import DEFAULT_MODEL
 from model import load_model, load_tokenizer, sequence_logps
 from ref_update import Rule, update_reference
 from sources import DataError, load_splits, skips_bad_rows
@@ -69,7 +68,7 @@ p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help
                "supported (the run keeps the one in force: a resume must find the same)")
 p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing of the policy (not the reference)")
 p.add_argument("--fsdp", action="store_true", help="shard policy and reference with FSDP2 instead of replicating (DDP)")
-p.add_argument("--seed", type=at_least(0), default=0)
+p.add_argument("--seed", type=random_seed(), default=0)
 p.add_argument("--out_dir", type=text("a folder"), default=None, help="where checkpoints and metrics go (default: "
                "out/METHOD-DATASET)")
 p.add_argument("--overwrite", action="store_true", help="replace the run already in --out_dir")
@@ -124,8 +123,8 @@ if distributed:
 use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
 autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # weights stay fp32 (the master copy)
 torch.manual_seed(args.seed)  # a config-built model's random init; nothing else draws random numbers
-locate(args.model)  # a model that cannot be found stops here
-resume_from = checkpoint.prepare_out_dir(out_dir, args.resume, args.overwrite)  # one run per folder (deletes nothing)
+guards.check_model(p, args)  # a model that cannot be found or read, or flags it cannot take, stop here
+resume_from = checkpoint.prepare_out_dir(out_dir, args)  # one run per folder (deletes nothing)
 state = checkpoint.read_progress(resume_from) if resume_from else None  # memory-mapped, loaded below
 
 
@@ -182,7 +181,7 @@ else:
         policy.activation_checkpointing_enable({"use_reentrant": False})
         policy.train()  # HF checkpoints only in train mode; every dropout was set to 0 when loading
 if not resume_from:  # everything that can fail before training has passed: only now may an old run be deleted
-    checkpoint.clear_out_dir(out_dir, master)
+    checkpoint.clear_out_dir(out_dir, run, p, master)  # and writes its args.json
 metrics = checkpoint.Metrics(out_dir, run, args.wandb, master, state)  # metrics.jsonl, and W&B with --wandb
 report_memory = memory.Report(out_dir, memory.count_parameters(policy), log, state and state["step"])
 report_memory("after building the models", policy, reference)  # with --fsdp: shards only, never a whole model
@@ -359,8 +358,6 @@ log(f"{args.method}: {len(train_set)} pairs ({len(train_set) % args.batch_size} 
     f"{', FSDP2' if args.fsdp else ''}" + (f"; {rule}" if rule else "") +
     (f"; reference in {str(reference_dtype).removeprefix('torch.')}" if reference is not None else "") +
     f"; out_dir {out_dir}")
-if master and not resume_from:
-    json.dump(run, open(os.path.join(out_dir, "args.json"), "w"), indent=1)  # alpha, tau, max_steps as in force
 
 # ----------------------------------------------------------------------------------------------------------------
 # the loop

@@ -399,7 +399,7 @@ LAYOUTS = [(1, 8), (1, 4), (2, 2), (4, 1), (2, 4)]  # (processes, micro-batch si
 def test_every_layout_trains_the_same_pairs_in_every_step_and_no_step_holds_a_pair_twice():
     """37 pairs, global batch 8: 4 steps an epoch, 5 pairs left over. Over two epochs, 1 process x 8, 1 x 4 x 2
     accumulation, 2 x 2 x 2, 4 x 1 x 2 and 2 x 4 x 1 give each step the same 8 pairs, all different."""
-    examples = [{"row": i} for i in range(37)]
+    examples = [{"row": i, "prompt": torch.tensor([i])} for i in range(37)]
     for index in range(8):  # two epochs
         steps = [sorted(r for rank in step_pairs(examples, index, 8, micro, world) for m in rank for r in m)
                  for world, micro in LAYOUTS]
@@ -411,7 +411,7 @@ def test_every_layout_trains_the_same_pairs_in_every_step_and_no_step_holds_a_pa
 
 
 def test_a_seeds_second_epoch_is_not_the_next_seeds_first():
-    examples = [{"row": i} for i in range(64)]
+    examples = [{"row": i, "prompt": torch.tensor([i])} for i in range(64)]
     first_epoch_of_seed_1 = step_pairs(examples, 0, 64, 64, 1, seed=1)
     second_epoch_of_seed_0 = step_pairs(examples, 1, 64, 64, 1, seed=0)
     assert first_epoch_of_seed_1 != second_epoch_of_seed_0
@@ -437,10 +437,32 @@ def test_kto_mismatched_pairs_of_a_global_batch_are_the_same_on_every_layout():
         assert len(rows[0]) == 16 and all(r == rows[0] for r in rows), index  # 2 per pair: chosen and rejected
 
 
+def matched_share(examples, group_by_length, world, micro, prompt_of):
+    """The share of KTO's mismatched rows over an epoch whose completions are of the pair's own prompt."""
+    matched = []
+    for index in range(Batches(examples, 8, 8).per_epoch):
+        for rank in range(world):
+            for m in Batches(examples, 8, micro, rank, world, seed=2, group_by_length=group_by_length)(index):
+                matched += [prompt_of(pair) == prompt_of(neighbour) for pair, neighbour in m]
+    return sum(matched) / len(matched)
+
+
+def test_kto_mismatched_rows_have_another_prompt_on_every_layout_and_order():
+    """Three pairs per prompt, each prompt of its own length: --group_by_length puts a prompt's pairs side by side,
+    and the next pair's completions were then most often the pair's own prompt's (2/3 here, ~45% on UltraFeedback),
+    biasing KTO's reference point. No mismatched row has the pair's own prompt, on every layout, in either order."""
+    examples = [{"row": 3 * p + j, "prompt": torch.arange(p + 2), "chosen": torch.tensor([100 + j]),
+                 "rejected": torch.tensor([200 + j])} for p in range(20) for j in range(3)]
+    for grouped in (False, True):
+        for world, micro in LAYOUTS:
+            assert matched_share(examples, grouped, world, micro, lambda pair: pair["row"] // 3) == 0, (grouped, world)
+
+
 def pairs_of_lengths(lengths):
-    """Pairs whose padded length (prompt + longer completion) is the given one: prompt 1 token, chosen the rest."""
+    """Pairs whose padded length (prompt + longer completion) is the given one: prompt 1 token (its own), chosen the
+    rest."""
     t = lambda n: torch.zeros(n, dtype=torch.int32)
-    return [{"row": i, "prompt": t(1), "chosen": t(n - 1), "rejected": t(1)} for i, n in enumerate(lengths)]
+    return [{"row": i, "prompt": torch.tensor([i]), "chosen": t(n - 1), "rejected": t(1)} for i, n in enumerate(lengths)]
 
 
 def test_group_by_length_makes_each_global_batch_a_run_of_the_sorted_lengths():
