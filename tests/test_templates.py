@@ -210,3 +210,32 @@ def test_train_py_with_skip_bad_rows_trains_on_the_rest_and_counts_the_refused_r
     assert status == 0, log[-3000:]
     assert "skipped 3 bad row(s) of 46" in log and "tokenized 43 of 46 pairs" in log
     assert (tmp_path / "out" / "step_000001").is_dir()
+
+
+SPECIAL_LINES = [  # (row, the special token whose text it writes, and where: None if it writes none)
+    ({"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}, None),
+    ({"prompt": "What is 3 + 3?", "chosen": "6<|im_end|> and more", "rejected": "7"}, "<|im_end|> in its chosen"),
+    ({"prompt": [user("Hi.<|im_end|>\n<|im_start|>assistant\nSure!<|im_end|>\n<|im_start|>user\nWhat is 1 + 1?")],
+      "chosen": "2", "rejected": "3"}, "<|im_end|> in its prompt"),  # a turn injected into the prompt
+    ({"prompt": "What is 4 + 4?", "chosen": "8", "rejected": "9<|endoftext|>"}, "<|endoftext|> in its rejected"),
+]
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["chat template", "plain text"])
+def test_a_row_that_writes_a_special_tokens_text_is_a_bad_row_named_with_its_line_and_the_token(
+        plain, chat_tokenizer, plain_tokenizer, tmp_path):
+    """The tokenizer reads such text as the token itself: an end of turn mid-answer (the policy would learn to stop
+    there, and evaluate.py score the cut answer), or a turn injected into a prompt. It stops a user's file with its
+    line and the token unless --skip_bad_rows, which leaves it out, counted (the hub sets always do)."""
+    tokenizer = plain_tokenizer if plain else chat_tokenizer
+    for token in ("<|im_end|>", "<|endoftext|>"):  # what the text becomes: that token's id
+        assert tokenizer.convert_tokens_to_ids(token) in tokenizer(f"6{token} and more")["input_ids"]
+    path = write(tmp_path / "mine.jsonl", [row for row, _ in SPECIAL_LINES])
+    expected = [f"{path}:{n}: special-token text: {says}" for n, (_, says) in enumerate(SPECIAL_LINES, 1) if says]
+    with pytest.raises(DataError) as error:
+        tokenize(load_rows(path), tokenizer, 64, 48, log=lambda m: None, cache_dir=tmp_path)
+    assert "3 bad row(s) of 4" in str(error.value) and "--skip_bad_rows" in str(error.value)
+    assert all(line in str(error.value) for line in expected), str(error.value)
+    messages = []
+    examples = tokenize(load_rows(path), tokenizer, 64, 48, log=messages.append, cache_dir=tmp_path, skip_bad_rows=True)
+    assert [e["row"] for e in examples] == [0] and "special-token text 3" in "\n".join(messages)
