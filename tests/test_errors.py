@@ -14,6 +14,7 @@ import sys
 import time
 
 import pytest
+from transformers import GPT2Config
 
 import model
 from conftest import PAIRS, ROOT, TINY
@@ -48,6 +49,12 @@ def world(tmp_path_factory, chat_tokenizer):
     (root / "bad_log" / "args.json").write_text("{}")
     (root / "bad_log" / "metrics.jsonl").write_text('{"step": 1, "loss"\n{"step": 2, "loss": 0.6}\n')
     (root / "empty").mkdir()
+    for name, cut in (("cut", lambda b: b[: len(b) // 2]), ("zeroed", lambda b: bytes(len(b)))):  # damaged weights
+        model.load_model(TINY).save_pretrained(root / name)
+        chat_tokenizer.save_pretrained(root / name)
+        weights = root / name / "model.safetensors"
+        weights.write_bytes(cut(weights.read_bytes()))
+    GPT2Config(vocab_size=49152, n_embd=32, n_layer=2, n_head=4, n_positions=32).to_json_file(root / "gpt2.json")
     return {"root": str(root), "run": str(run), "tiny": TINY, "pairs": PAIRS,
             "closed": f"http://127.0.0.1:{closed_port()}"}
 
@@ -114,6 +121,12 @@ TRAIN = [  # (argv, status, the words the message must hold)
     (["--model", "{run}"], 1, ["--model {run} is a train.py run folder, not a checkpoint", "{run}/step_000002"]),
     (["--model", "{root}/empty"], 1, ["is a folder but not a model folder", "config.json and weights"]),
     (["--beta", "0"], 2, ["argument --beta: 0 must be positive"]),
+    (["--model", "{root}/cut"], 1, ["--model {root}/cut: its weights file {root}/cut/model.safetensors cannot be read",
+                                    "damaged or cut short"]),
+    (["--model", "{root}/zeroed"], 1, ["--model {root}/zeroed: its weights file {root}/zeroed/model.safetensors"]),
+    (["--model", "{root}/gpt2.json", "--dataset", "{pairs}"], 2,  # GPT-2 learns a vector per position
+     ["--max_length 512 is beyond the 32 positions --model {root}/gpt2.json has learned"]),
+    (["--seed", "20261208011500"], 2, ["argument --seed: 20261208011500 must be an integer from 0 to 2^32 - 1"]),
 ]
 
 
@@ -145,6 +158,7 @@ EVALUATE = [
      ["--max_prompt_length 64 must be less than --max_length 64"]),
     (["{tiny}", "--baseline", "{tiny}", "--dtype", "fp16"], 2, ["--dtype: invalid choice: 'fp16'"]),
     (["{tiny}"], 1, ["pass --baseline, the model the checkpoints started from: no checkpoint comes from a train.py"]),
+    (["{root}/cut", "--baseline", "{tiny}"], 1, ["checkpoint {root}/cut: its weights file {root}/cut/model.safetensors"]),
 ]
 
 

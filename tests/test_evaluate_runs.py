@@ -267,6 +267,24 @@ def test_an_out_dir_holding_an_earlier_evaluation_is_refused_unless_overwritten(
     assert [r["checkpoint"] for r in per_checkpoint] == [r["checkpoint"] for r in results] == [run["checkpoints"][-1]]
 
 
+def test_an_overwrite_that_fails_leaves_the_earlier_evaluation_as_it_was(run, judge, monkeypatch, tmp_path):
+    """A checkpoint that fails to load, a judge that starts refusing, Ctrl-C over hours of sampling: evaluate.py writes
+    its files aside and swaps them in when all are written, so the earlier call's stay as they were (they used to be
+    deleted before anything was evaluated, the folder left with half of the new call's files)."""
+    again = [run["checkpoints"][-1], "--baseline", TINY, "--judge", judge]
+    evaluate_quietly(*again, monkeypatch=monkeypatch, out_dir=tmp_path / "eval")
+    files = lambda: {p.name: p.read_bytes() for p in (tmp_path / "eval").iterdir() if p.is_file()}  # noqa: E731
+    earlier = files()
+    assert "results.json" in earlier and "scored_rows.json" in earlier
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(evaluate, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_quietly(*again, "--overwrite", "--seed", "1", monkeypatch=monkeypatch, out_dir=tmp_path / "eval")
+    assert files() == earlier
+
+
 def test_a_file_of_several_pairs_per_prompt_is_scored_on_prompts_the_run_never_trained_on(judge, monkeypatch,
                                                                                            tmp_path):
     data = rows_per_prompt(tmp_path / "two.jsonl", 2, prompts=24)  # by row, every held-out prompt was trained on

@@ -72,6 +72,29 @@ def test_resume_auto_is_one_command_for_a_requeue_loop(tmp_path):
     assert status == 0 and "is complete: step 3 of 3" in log
 
 
+def test_resume_auto_refuses_a_folder_holding_another_runs_record_without_a_checkpoint(tmp_path):
+    """study.py deletes a finished run's checkpoints and keeps its records, and users prune checkpoints to save disk:
+    --resume auto of another run into such a folder reads its args.json and is refused, the records left as they were
+    (with a checkpoint the same command is refused the same way)."""
+    train(tmp_path, "--method", "dpo", "--max_steps", "1")
+    shutil.rmtree(tmp_path / "step_000001")
+    kept = {name: (tmp_path / name).read_bytes() for name in ("args.json", "metrics.jsonl", "memory.json")}
+    status, log = train_py(*TINY_RUN, "--method", "ipo", "--max_steps", "1", "--resume", "auto", "--out_dir", tmp_path)
+    assert status == 1 and "Traceback" not in log and "--method 'dpo' in the checkpoint, 'ipo' now" in log, log[-2000:]
+    assert {name: (tmp_path / name).read_bytes() for name in kept} == kept
+
+
+def test_overwrite_never_deletes_the_model_the_run_trains_from(tmp_path):
+    """The non-finite stop's advice, a fresh run from a checkpoint's policy/, typed into the same --out_dir with
+    --overwrite: refused before anything loads, the checkpoint kept (it used to train, deleting its own --model)."""
+    train(tmp_path, "--max_steps", "1")
+    policy = tmp_path / "step_000001" / "policy"
+    status, log = train_py(*TINY_RUN, "--model", policy, "--max_steps", "1", "--overwrite", "--out_dir", tmp_path)
+    assert status == 1 and "Traceback" not in log, log[-2000:]
+    assert f"--model {policy} lies in {tmp_path / 'step_000001'}, which this command would delete" in log
+    assert (policy / "model.safetensors").exists()
+
+
 def test_nonfinite_loss_stops_with_step_rows_and_last_good_checkpoint_and_ways_out_that_work(tmp_path):
     # lr 1e30: step 1 is finite but throws the weights to ~1e30, so step 2's forward overflows
     flags = [*TINY_RUN, "--lr", "1e30", "--max_steps", "5", "--out_dir", tmp_path / "run"]

@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, GPT2Config
 
 import flags
 import model
@@ -110,7 +111,7 @@ def test_a_value_outside_a_flags_domain_is_refused_in_one_sentence_naming_the_fl
 
 
 def test_the_probes_cover_zero_a_negative_an_absurd_value_and_the_wrong_type():
-    assert flags.at_least(1).probes == ("0", "-1", "1000000000", "x")
+    assert flags.at_least(1).probes == ("0", "-1", "1000000000", str(2**64), "x")
     assert flags.at_least(1)("3") == 3 and flags.at_least(0.0, zero="no clipping")("0") == 0.0
     for domain, value, message in [(flags.at_least(1), "0", "0 must be at least 1"),
                                    (flags.at_least(1), "1.5", "'1.5' is not an integer"),
@@ -119,6 +120,42 @@ def test_the_probes_cover_zero_a_negative_an_absurd_value_and_the_wrong_type():
                                    (flags.in_range(0.0, 1.0), "x", "'x' is not a number")]:
         with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)):
             domain(value)
+
+
+def test_a_seed_is_one_every_generator_takes_through_every_formula_that_derives_one():
+    """A date-time seed passed argparse and overflowed when the first batch was ordered (data.Batches seeds
+    seed * 1_000_003 + epoch), after loading and tokenizing. The domain's largest value runs through each formula."""
+    from data import Batches
+    domain = flags.random_seed()
+    largest = domain(str(2**32 - 1))
+    for absurd in ("20261208011500", str(2**64)):
+        with pytest.raises(argparse.ArgumentTypeError, match="must be an integer from 0 to 2"):
+            domain(absurd)
+    examples = [{"row": i, "prompt": torch.tensor([i])} for i in range(8)]
+    assert sorted(pair["row"] for pair, _ in Batches(examples, 4, 4, seed=largest)(9)[0])
+    torch.manual_seed(2 * largest + 1)  # evaluate.py's (study.py's: --seed 2s, the baseline's 2s + 1)
+    torch.Generator().manual_seed(largest * 1_000_003 + 10**6)
+
+
+def test_a_max_length_beyond_the_positions_a_model_learned_is_refused_naming_the_flag(tmp_path):
+    """GPT-2 learns a vector per position: a longer sequence is an IndexError in the first forward (a device-side
+    assert on CUDA), after loading and tokenizing. Refused once the config is read; rotary models take any length."""
+    import guards
+    gpt2 = GPT2Config(vocab_size=64, n_embd=8, n_layer=1, n_head=2, n_positions=16)
+    gpt2.to_json_file(tmp_path / "gpt2.json")
+    net = AutoModelForCausalLM.from_config(gpt2)
+    net(input_ids=torch.zeros(1, 16, dtype=torch.long))  # the limit, found by running it
+    with pytest.raises(IndexError):
+        net(input_ids=torch.zeros(1, 17, dtype=torch.long))
+    parser = parser_of("train.py")
+    for model_, length, refused in [(tmp_path / "gpt2.json", 16, False), (tmp_path / "gpt2.json", 17, True),
+                                    (TINY_RUN[1], 10**6, False)]:
+        said, stderr = True, io.StringIO()
+        with contextlib.redirect_stderr(stderr), contextlib.suppress(SystemExit):
+            guards.check_model(parser, parser.parse_args(["--model", str(model_), "--max_length", str(length)]))
+            said = False  # passed
+        assert said == refused, (model_, length, stderr.getvalue())
+        assert not refused or "error: --max_length 17 is beyond the 16 positions" in stderr.getvalue()
 
 
 def accepted_train_probes():
