@@ -7,9 +7,9 @@ argparse before anything loads, in one sentence that names the flag (`error: arg
     p.add_argument("--model", type=text("a model: built-in, folder, .json, .gguf or hub id"), ...)  # checked where used
 
 Every flag of every entry point has one (tests/test_flags.py tries 0, a negative, an absurd value, an integer beyond
-64 bits and the wrong type on each, and train.py's accepted values on a model with learned positions). A flag whose
-meaning depends on the run's length (a schedule over the run) says so with `run_length`; a resume may then not change
-the run's length (checkpoint.check_same_run).
+64 bits (of an integer flag) and the wrong type on each, and train.py's accepted values on a model with learned
+positions). A flag whose meaning depends on the run's length (a schedule over the run) says so with `run_length`; a
+resume may then not change the run's length (checkpoint.check_same_run).
 """
 import argparse
 
@@ -17,8 +17,10 @@ import argparse
 class Domain:
     """An argparse type: converts the command line's text with `kind`, refuses what `ok` refuses, says `text`."""
 
-    def __init__(self, kind, ok, text, probes=("0", "-1", "1000000000", str(2**64), "x")):
-        self.kind, self.ok, self.text, self.probes = kind, ok, text, probes  # probes: what tests/test_flags.py tries
+    def __init__(self, kind, ok, text, probes=None):
+        beyond = (str(2**64),) if kind is int else ()  # an int beyond 64 bits: what torch cannot take (a seed, an index)
+        self.kind, self.ok, self.text = kind, ok, text
+        self.probes = ("0", "-1", "1000000000", *beyond, "x") if probes is None else probes  # what test_flags.py tries
         self.__name__ = text  # argparse names the type in some of its own messages
 
     def __call__(self, value):

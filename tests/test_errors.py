@@ -124,7 +124,7 @@ TRAIN = [  # (argv, status, the words the message must hold)
     (["--model", "{root}/cut"], 1, ["--model {root}/cut: its weights file {root}/cut/model.safetensors cannot be read",
                                     "damaged or cut short"]),
     (["--model", "{root}/zeroed"], 1, ["--model {root}/zeroed: its weights file {root}/zeroed/model.safetensors"]),
-    (["--model", "{root}/gpt2.json", "--dataset", "{pairs}"], 2,  # GPT-2 learns a vector per position
+    (["--model", "{root}/gpt2.json", "--dataset", "{pairs}", "--eval_pairs", "8"], 2,  # GPT-2: a vector per position
      ["--max_length 512 is beyond the 32 positions --model {root}/gpt2.json has learned"]),
     (["--seed", "20261208011500"], 2, ["argument --seed: 20261208011500 must be an integer from 0 to 2^32 - 1"]),
 ]

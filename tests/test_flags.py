@@ -160,12 +160,12 @@ def test_a_max_length_beyond_the_positions_a_model_learned_is_refused_naming_the
 
 def accepted_train_probes():
     """Every probe of train.py that argparse accepts: each must give a completed run. The run's length is bounded by
-    --max_steps 1, so --max_steps' own absurd value is left out (it would be a run of 10^9 steps, as asked)."""
+    --max_steps 1, so --max_steps' own absurd values are left out (a run of 10^9 steps, as asked)."""
     parser = parser_of("train.py")
     method_of = {f"--{flag}": method for method, (_, _, own) in METHODS.items() for flag in own}
     cases = []
     for flag, value in probes("train.py"):
-        if flag == "--max_steps" and value == "1000000000" or flag in ("--model", "--dataset", "--out_dir"):
+        if flag == "--max_steps" and value in ("1000000000", str(2**64)) or flag in ("--model", "--dataset", "--out_dir"):
             continue
         if parse(parser, [flag, value])[0] == 0 and parser.parse_args([flag, value]) != parser.parse_args([]):
             cases.append((flag, value, method_of.get(flag)))  # (a default's value is every other run's)
@@ -182,11 +182,21 @@ def batches(cases):
     return list(runs.values())
 
 
+@pytest.fixture(scope="module")
+def gpt2_config(tmp_path_factory):
+    """A tiny GPT-2 of 40 learned positions: fewer than the longest of tests/pairs.jsonl's pairs (43 tokens)."""
+    path = tmp_path_factory.mktemp("gpt2") / "gpt2.json"
+    GPT2Config(vocab_size=49152, n_embd=32, n_layer=2, n_head=4, n_positions=40).to_json_file(path)
+    return str(path)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("cases", batches(accepted_train_probes()),
                          ids=lambda cases: " ".join(f"{flag}={value}" for flag, value, _ in cases))
-def test_every_value_train_py_accepts_completes_a_run_that_trains_or_says_why_not(cases, tmp_path):
-    """One step on the tiny model, with one value of each of several flags. The run completes with its checkpoint,
+def test_every_value_train_py_accepts_completes_a_run_that_trains_or_says_why_not(cases, gpt2_config, tmp_path):
+    """One step on a tiny model that learned its positions (GPT-2: a value that makes a sequence longer is an
+    IndexError in the first forward unless refused), with one value of each of several flags (an integer beyond 64
+    bits among them: --seed once overflowed). The run completes with its checkpoint,
     and its policy moved away from the SFT model, or a warning says why it cannot (`--warmup_steps` longer than the
     run: the lr stays 0), or the run stops at start-up with one sentence naming a flag. A flag answered by its
     sentence or warning leaves the run, and the others run again without it. (`--max_grad_norm 0` once scaled every
@@ -194,7 +204,8 @@ def test_every_value_train_py_accepts_completes_a_run_that_trains_or_says_why_no
     method = cases[0][2]
     while cases:
         out_dir = tmp_path / str(len(cases))
-        flags_ = [*TINY_RUN, "--max_steps", "1", "--out_dir", out_dir, *(["--method", method] if method else []),
+        flags_ = [*TINY_RUN, "--model", gpt2_config, "--max_length", "40", "--max_prompt_length", "32", "--max_steps",
+                  "1", "--out_dir", out_dir, *(["--method", method] if method else []),
                   *(word for flag, value, _ in cases for word in (flag, value))]
         status, log = train_py(*flags_)
         assert "Traceback" not in log, log[-3000:]
@@ -205,7 +216,7 @@ def test_every_value_train_py_accepts_completes_a_run_that_trains_or_says_why_no
             cases = [c for c in cases if c != named[0][1]]  # the flag named first: the one the sentence is about
             continue
         seed = int(dict((f, v) for f, v, _ in cases).get("--seed", 0))
-        sft = model.load_model(TINY_RUN[TINY_RUN.index("--model") + 1], seed=seed).state_dict()
+        sft = model.load_model(gpt2_config, seed=seed).state_dict()
         policy = load_file(os.path.join(out_dir, "step_000001", "policy", "model.safetensors"))
         if any(not torch.equal(policy[k], sft[k].float()) for k in policy if k in sft):
             return
