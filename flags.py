@@ -18,7 +18,7 @@ class Domain:
     """An argparse type: converts the command line's text with `kind`, refuses what `ok` refuses, says `text`."""
 
     def __init__(self, kind, ok, text, probes=None):
-        beyond = (str(2**64),) if kind is int else ()  # an int beyond 64 bits: what torch cannot take (a seed, an index)
+        beyond = (str(2**64),) if kind is int else ()  # beyond 64 bits: what torch cannot take (a seed, an index)
         self.kind, self.ok, self.text = kind, ok, text
         self.probes = ("0", "-1", "1000000000", *beyond, "x") if probes is None else probes  # what test_flags.py tries
         self.__name__ = text  # argparse names the type in some of its own messages

@@ -1,8 +1,8 @@
 """Run guards: what keeps a long run honest when something goes wrong. None of it is the method; train.py calls each
 piece once, by name.
 
-- Flags no run can use are refused before anything loads (`check_flags`), and those the model cannot take once its
-  config is read (`check_model`).
+- Flags no run can use are refused before anything loads (`check_flags`); those the model cannot take once its
+  config is read (model.check_model_flags).
 - A user's mistake is one sentence: every entry point calls `report_user_errors()`, and a UserError that reaches
   the top prints as `error: <message>` on stderr, on a line of its own (after any progress bar), exit status 1.
   Any other exception keeps its traceback: that is a bug.
@@ -66,18 +66,6 @@ def check_flags(parser, args, method):
                      "--batch_size must be at least 2")
     if args.max_prompt_length >= args.max_length:
         parser.error(f"--max_prompt_length {args.max_prompt_length} must be less than --max_length {args.max_length}")
-
-
-def check_model(parser, args):
-    """train.py's flags whose domain is the model's: checked once its config is read, before any tokenizing or forward
-    (a model that cannot be found, or whose config or weights files cannot be read, stops here too, in a sentence).
-    --max_length may not pass the positions a model learned (an IndexError in the first forward, a device-side assert
-    on CUDA); rotary and ALiBi models take any length."""
-    from model import learned_positions, load_config
-    positions = learned_positions(load_config(args.model))
-    if positions and args.max_length > positions:
-        parser.error(f"--max_length {args.max_length} is beyond the {positions} positions --model {args.model} has "
-                     f"learned: pass --max_length {positions} or less")
 
 
 class StopSignals:

@@ -95,6 +95,17 @@ def learned_positions(config):
     return getattr(config, "max_position_embeddings", None) if learned else None
 
 
+def check_model_flags(parser, args):
+    """train.py's flags whose domain is the model's: checked once its config is read, before any tokenizing or forward
+    (a model that cannot be found, or whose config or weights files cannot be read, stops here too, in a sentence).
+    --max_length may not pass the positions a model learned (an IndexError in the first forward, a device-side assert
+    on CUDA); rotary and ALiBi models take any length."""
+    positions = learned_positions(load_config(args.model))
+    if positions and args.max_length > positions:
+        parser.error(f"--max_length {args.max_length} is beyond the {positions} positions --model {args.model} has "
+                     f"learned: pass --max_length {positions} or less")
+
+
 def dropout_off(model):
     """p = 0 in every nn.Dropout, in case a family hard-codes a rate its config does not name. Policy and reference
     log-ratios must be deterministic, also in train mode (gradient checkpointing needs it)."""

@@ -28,7 +28,7 @@ from data import Batches, collate, fingerprint, held_out_batches, to_device, tok
 from flags import at_least, positive, random_seed, run_length, text
 from losses import METHODS
 from locate import DEFAULT_MODEL
-from model import load_model, load_tokenizer, sequence_logps
+from model import check_model_flags, load_model, load_tokenizer, sequence_logps
 from ref_update import Rule, update_reference
 from sources import DataError, load_splits, skips_bad_rows
 
@@ -123,7 +123,7 @@ if distributed:
 use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
 autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # weights stay fp32 (the master copy)
 torch.manual_seed(args.seed)  # a config-built model's random init; nothing else draws random numbers
-guards.check_model(p, args)  # a model that cannot be found or read, or flags it cannot take, stop here
+check_model_flags(p, args)  # a model that cannot be found or read, or flags it cannot take, stop here
 resume_from = checkpoint.prepare_out_dir(out_dir, args)  # one run per folder (deletes nothing)
 state = checkpoint.read_progress(resume_from) if resume_from else None  # memory-mapped, loaded below
 

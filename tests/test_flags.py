@@ -140,7 +140,6 @@ def test_a_seed_is_one_every_generator_takes_through_every_formula_that_derives_
 def test_a_max_length_beyond_the_positions_a_model_learned_is_refused_naming_the_flag(tmp_path):
     """GPT-2 learns a vector per position: a longer sequence is an IndexError in the first forward (a device-side
     assert on CUDA), after loading and tokenizing. Refused once the config is read; rotary models take any length."""
-    import guards
     gpt2 = GPT2Config(vocab_size=64, n_embd=8, n_layer=1, n_head=2, n_positions=16)
     gpt2.to_json_file(tmp_path / "gpt2.json")
     net = AutoModelForCausalLM.from_config(gpt2)
@@ -152,7 +151,7 @@ def test_a_max_length_beyond_the_positions_a_model_learned_is_refused_naming_the
                                     (TINY_RUN[1], 10**6, False)]:
         said, stderr = True, io.StringIO()
         with contextlib.redirect_stderr(stderr), contextlib.suppress(SystemExit):
-            guards.check_model(parser, parser.parse_args(["--model", str(model_), "--max_length", str(length)]))
+            model.check_model_flags(parser, parser.parse_args(["--model", str(model_), "--max_length", str(length)]))
             said = False  # passed
         assert said == refused, (model_, length, stderr.getvalue())
         assert not refused or "error: --max_length 17 is beyond the 16 positions" in stderr.getvalue()
