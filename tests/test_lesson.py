@@ -56,10 +56,27 @@ def runnable(command, out):
 
 def run(command):
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
-    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    result = subprocess.run(["bash", "-e", "-c", command], capture_output=True, text=True, cwd=ROOT, env=env,
+                            timeout=900)  # -e: a block of several lines fails at its first failing line
     log = result.stdout + result.stderr
     assert result.returncode == 0, f"{command}\nfailed:\n{log[-3000:]}"
     return log
+
+
+def test_the_code_a_part_shows_is_the_file_its_command_runs():
+    """Parts 1 and 3 show their script, then run it as a file (one line on every OS): the two must be the same."""
+    shown = re.findall(r"```python\n(.*?)```\s*```bash\npython -m (lesson\.\w+)\n```", LESSON, re.S)
+    assert len(shown) >= 2, "LESSON.md no longer shows the scripts of Parts 1 and 3 before running them"
+    for code, module in shown:
+        path = os.path.join(ROOT, *module.split(".")) + ".py"
+        assert code == open(path).read(), f"LESSON.md shows code that differs from {path}, which its command runs"
+
+
+def test_every_command_is_one_line():
+    """A command continued over lines (a heredoc, a backslash) or joined with && does not run as printed in Windows'
+    PowerShell: a block of several commands has one on each line."""
+    several = [c for _, c in COMMANDS if "\\\n" in c or "&&" in c or "<<" in c]
+    assert not several, f"LESSON.md prints commands that are not one line each: {several}"
 
 
 def test_every_reduction_and_expectation_still_applies_to_a_command_of_the_lesson():
@@ -208,7 +225,8 @@ def test_each_exercise_is_graded_by_one_word_that_selects_every_test_of_its_file
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", *files], capture_output=True,
                             text=True, cwd=ROOT)
     ids = [line for line in result.stdout.splitlines() if "::" in line]
-    assert [f for f, _, _ in EXERCISES] == ["dpo_loss", "ipo_loss", "kto_loss", "update_reference", "should_update"], \
+    assert [f for f, _, _ in EXERCISES] == ["dpo_loss", "ipo_loss", "kto_loss", "update_reference", "should_update",
+                                            "sequence_logps"], \
         f"LESSON.md's exercises table, one row per function with one -k word: {EXERCISES}"
     for path in {path for _, path, _ in EXERCISES}:
         for test in (i for i in ids if i.startswith(path)):
