@@ -57,8 +57,10 @@ def test_dpo_loss_matches_float64_closed_form(beta):
         h = (pc[i].item() - rc[i].item()) - (pr[i].item() - rr[i].item())
         case = f"dpo_loss with beta {beta}, pair {i} (margin h = {h:.4f})"
         expect(losses[i].item(), math.log(1 + math.exp(-beta * h)), f"{case}: loss -log sigmoid(beta h)")
-        expect(chosen_rewards[i].item(), beta * (pc[i].item() - rc[i].item()), f"{case}: chosen reward")
-        expect(rejected_rewards[i].item(), beta * (pr[i].item() - rr[i].item()), f"{case}: rejected reward")
+        expect(chosen_rewards[i].item(), beta * (pc[i].item() - rc[i].item()),
+               f"{case}: chosen reward beta (log pi(y_w) - log ref(y_w))")
+        expect(rejected_rewards[i].item(), beta * (pr[i].item() - rr[i].item()),
+               f"{case}: rejected reward beta (log pi(y_l) - log ref(y_l))")
 
 
 @pytest.mark.parametrize("eps", [0.1, 0.3])
