@@ -77,7 +77,7 @@ def test_the_code_a_part_shows_is_the_file_its_command_runs():
 def test_every_command_is_one_line():
     """A command continued over lines (a heredoc, a backslash) or joined with && does not run as printed in Windows'
     PowerShell: a block of several commands has one on each line."""
-    several = [c for _, c in COMMANDS if "\\\n" in c or "&&" in c or "<<" in c]
+    several = [c for _, c in COMMANDS if "\\\n" in c or "&&" in c or "<<" in c] + [c for _, c in INLINE if "\n" in c]
     assert not several, f"LESSON.md prints commands that are not one line each: {several}"
 
 
