@@ -1,6 +1,7 @@
 """The documents keep no hand-made copy of what the code holds: no file lengths (each change would edit them, and
 merges conflict on them), no metric name that metrics.py does not declare (a renamed metric leaves none behind), and
-no figure of the over-optimization study that `python study.py` does not print from results/study.json."""
+no figure of the over-optimization study (a mean ± s.e., a p) that `python study.py` does not print from
+results/study.json."""
 import contextlib
 import io
 import json
@@ -37,14 +38,16 @@ MEAN_SE = r"([+-]?\d+(?:\.\d+)?) ± (\d+(?:\.\d+)?)"
 
 @pytest.fixture(scope="module")
 def study_figures(tmp_path_factory):
-    """Every "mean ± s.e." that study.py prints from the committed records (its table and its paired differences)."""
+    """Every "mean ± s.e." that study.py prints from the committed records (its table and its paired differences), and
+    every p beside a difference."""
     import study
     records = json.load(open(os.path.join(ROOT, "results", "study.json")))
     configs = list(dict.fromkeys([*study.CONFIGS, *(r["config"] for r in records)]))
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         study.report(records, configs, str(tmp_path_factory.mktemp("study") / "study.json"))
-    return [(float(m), float(se)) for m, se in re.findall(MEAN_SE, printed.getvalue())]
+    return ([(float(m), float(se)) for m, se in re.findall(MEAN_SE, printed.getvalue())],
+            re.findall(r"\(p (\d\.\d+)\)", printed.getvalue()))
 
 
 def rounds_to(quoted, printed):
@@ -61,7 +64,8 @@ def test_every_figure_of_the_study_a_document_quotes_is_what_study_py_prints(doc
     part = text[text.index(start):text.index(end, text.index(start))]
     quoted = re.findall(MEAN_SE, part)
     assert quoted, f"{document} quotes no figure of the study"
-    wrong = [f"{m} ± {se}" for m, se in quoted
-             if not any(rounds_to(m, a) and rounds_to(se, b) for a, b in study_figures)]
+    figures, p_values = study_figures
+    wrong = [f"{m} ± {se}" for m, se in quoted if not any(rounds_to(m, a) and rounds_to(se, b) for a, b in figures)]
+    wrong += [f"p {p}" for p in re.findall(r"\bp\s+(\d\.\d+)", part) if p not in p_values]
     assert not wrong, f"{document} quotes figures of the study that `python study.py` does not print from " \
                       f"results/study.json (run it and copy them again): {wrong}"
