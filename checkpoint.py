@@ -85,6 +85,17 @@ def completed(out_dir):
     return sorted(d for d in glob.glob(os.path.join(out_dir, "step_*")) if not d.endswith(".tmp"))
 
 
+def finished(out_dir, length=None):
+    """Whether the run in out_dir is finished: its latest complete checkpoint is at the run's last step (`length`, else
+    the run's length when that checkpoint was saved). Read from the checkpoint, never from an exit status: a run stopped
+    by a signal saves a checkpoint too (and exits STOPPED, guards.py), and continues with --resume."""
+    done = completed(out_dir)
+    if not done:
+        return False
+    state = read_progress(done[-1])
+    return state["step"] >= (length or state["run"].get("max_steps") or float("inf"))
+
+
 def prepare_out_dir(out_dir, resume, overwrite):
     """Refuse to mix two runs in one folder; delete nothing yet (`clear_out_dir` does, once every check has passed).
     Returns the checkpoint to resume from, or None for a fresh run. `resume` "auto": the latest checkpoint if there

@@ -28,9 +28,9 @@ import subprocess
 import sys
 import time
 
-from checkpoint import completed
+from checkpoint import completed, finished
 from flags import at_least, text
-from guards import UserError, report_user_errors
+from guards import STOPPED, UserError, report_user_errors
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = ["--method dpo", "--method tr_dpo --tau 16", "--method tr_dpo --alpha 0.1"]  # RESULTS.md's three
@@ -51,8 +51,8 @@ def call(command):
     print("$ " + shlex.join(command), flush=True)
     status = subprocess.run(command).returncode
     if status != 0:
-        raise UserError(f"this command failed (exit {status}); fix what it says and run the study again: finished runs "
-                        "are kept, this one continues")
+        raise UserError(f"this command {'was stopped' if status == STOPPED else 'failed'} (exit {status}); fix what it "
+                        "says and run the study again: finished runs are kept, this one continues")
 
 
 def run(config, seed, args, result):
@@ -62,6 +62,9 @@ def run(config, seed, args, result):
     again = ["--resume"] if completed(out_dir) else ["--overwrite"]  # stopped mid-run: continue it
     call([*shlex.split(args.launcher), os.path.join(HERE, "train.py"), *shlex.split(args.train), *shlex.split(config),
           "--seed", str(seed), "--out_dir", out_dir, *again])
+    if not finished(out_dir):  # read from its checkpoints, not from the exit status a launcher passed on
+        raise UserError(f"the training in {out_dir} stopped before its last step (a signal?): nothing is recorded; run "
+                        "the study again to continue it")
     trained = time.time()
     checkpoints = completed(out_dir)
     eval_dir = out_dir + "-eval"

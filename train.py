@@ -156,7 +156,7 @@ with guards.rank_zero_first():  # bad data stops rank 0 with its message; the ot
     data_sha256 = fingerprint(train_set + eval_set)  # the pairs themselves: a resume must train and evaluate on them
     if state:  # a resume continues the same run, on the same pairs, or stops here, before any model loads
         checkpoint.check_resume(state, run, p, data_sha256, resume_from)
-if state and state["step"] >= max_steps:
+if state and checkpoint.finished(out_dir, max_steps):  # --resume auto of a finished run: done
     log(f"{out_dir} is complete: step {state['step']} of {max_steps}; nothing to do")
     guards.finish()
 if args.warmup_steps >= max_steps:
@@ -437,4 +437,4 @@ if step == max_steps:  # what happened, and what to do next
     log(f"next: python plot.py {out_dir}   (the curves, with the reference updates marked)\n"
         f"      python evaluate.py {out_dir}/step_* --baseline {args.model}   (samples: win rate, KL to SFT)")
 metrics.close()
-guards.finish()
+guards.finish(0 if step == max_steps else guards.STOPPED)  # stopped early: STOPPED, resumable (not 0)
