@@ -43,6 +43,7 @@ from data import REFUSED, collate, fingerprint, pad, render, shorten, to_device,
 from flags import at_least, text
 from guards import UserError, report_user_errors
 from locate import locate, reading
+from losses import as_read, reduction
 from model import load_model, load_tokenizer, sequence_logps
 from ref_update import Rule
 from sources import DataError, held_out, load_splits, report, skips_bad_rows
@@ -478,16 +479,21 @@ def fit_prompts(tokenizer, prompts, max_length, max_prompt_length, max_new_token
 
 
 def pair_logps(model, pair_batches):
-    """(chosen, rejected) log-probs of the held-out pairs, batch by batch."""
+    """Summed log-probs of the held-out pairs (chosen rows, then rejected), batch by batch."""
     with torch.no_grad():
-        return [sequence_logps(model, batch).chunk(2) for batch in pair_batches]
+        return [sequence_logps(model, batch) for batch in pair_batches]
 
 
-def reward_accuracy(policy_pairs, sft_pairs):
+def reward_accuracy(policy_logps, sft_logps, pair_batches, reduction):
     """The implicit-reward accuracy on held-out pairs, the SFT model as the reference: the share of pairs whose chosen
-    completion gained more log-prob than the rejected one. A tie (every pair's, when the policy is the SFT model)
-    counts one half, as in the win rate: no better than chance, not always wrong."""
-    margins = torch.cat([(pc - sc) - (pr - sr) for (pc, pr), (sc, sr) in zip(policy_pairs, sft_pairs)]).double()
+    completion gained more log-prob than the rejected one, log-probs read as the run's loss reads them (`reduction`,
+    losses.reduction: sums, or per-token means). A tie (every pair's, when the policy is the SFT model) counts one
+    half, as in the win rate: no better than chance, not always wrong."""
+    margins = []
+    for pol, sft, batch in zip(policy_logps, sft_logps, pair_batches):
+        (pc, pr), (sc, sr) = (as_read(x, batch["loss_mask"], reduction).chunk(2) for x in (pol, sft))
+        margins.append((pc - sc) - (pr - sr))
+    margins = torch.cat(margins).double()
     return ((margins > 0).double() + 0.5 * (margins == 0).double()).mean().item()
 
 
@@ -517,7 +523,8 @@ def evaluate(path, name, run, baseline, sft_model, prompts, prompt_ids, pair_bat
         result["criteria"] = criteria_means(extra, enumerate(texts))
         result["baseline_criteria"] = criteria_means(extra, enumerate(baseline))
     if pair_batches:
-        result["reward_accuracy"] = reward_accuracy(pair_logps(model, pair_batches), sft_pair_logps)
+        result["reward_accuracy"] = reward_accuracy(pair_logps(model, pair_batches), sft_pair_logps, pair_batches,
+                                                    reduction(run or {}))
     result["samples"] = [{"prompt": prompt_text(p), "completion": t, "baseline": b}
                          for p, t, b in zip(prompts[:20], texts[:20], baseline[:20])]
     return result

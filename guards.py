@@ -53,7 +53,7 @@ def check_flags(parser, args, method):
     """train.py's flag values that no run can use together, each refused by argparse with the flags' names (status 2).
     Each flag's own domain is declared beside it (flags.py) and argparse has checked it already."""
     from losses import METHODS
-    for other, (_, _, flags) in METHODS.items():  # a loss's own option given to another method
+    for other, (*_, flags) in METHODS.items():  # a loss's own option given to another method
         for name, (default, _, _) in flags.items():
             if other != method and getattr(args, name) != default:
                 parser.error(f"--{name} is an option of --method {other} and tr_{other}, not of {args.method}")

@@ -5,7 +5,8 @@ it, and tests/test_plot.py runs every method on a tiny model and checks that the
 Names are TRL's where TRL has one. A training metric is the mean over the pairs of all ranks and the steps since the
 previous log line; eval/* and drift/* repeat the latest evaluation on the held-out pairs (--eval_interval; none with
 --eval_pairs 0), made after step eval/step, before that step's reference update. Log-probs are summed over completion
-tokens, in nats; rewards and margins are on training's scale (per-token means under --ipo_average).
+tokens, in nats; rewards and margins are on training's scale (per-token means where the method's loss reads them,
+losses.reduction: IPO with --ipo_average).
 """
 
 HELD_OUT_ACCURACY = "held-out reward accuracy: against the reference, against SFT"

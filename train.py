@@ -27,7 +27,7 @@ import guards
 import memory
 from data import Batches, collate, fingerprint, held_out_batches, to_device, tokenize
 from flags import at_least, positive, run_length, text
-from losses import METHODS
+from losses import METHODS, as_read, reduction
 from locate import DEFAULT_MODEL, locate
 from model import load_model, load_tokenizer, sequence_logps
 from ref_update import Rule, update_reference
@@ -40,7 +40,7 @@ p.add_argument("--method", default="tr_dpo", choices=["sft", *METHODS, *(f"tr_{m
 p.add_argument("--beta", type=positive(), default=0.1, help="KL strength of DPO/IPO/KTO (IPO's tau)")
 Rule.add_flags(p)  # --alpha, --tau: the reference rule's own flags (ref_update.py)
 p.add_argument("--ipo_average", action="store_true", help="IPO on per-token mean log-probs (TRL) instead of sums")
-for method_flags in (flags for _, _, flags in METHODS.values()):  # each loss's own options (losses.METHODS)
+for method_flags in (flags for *_, flags in METHODS.values()):  # each loss's own options (losses.METHODS)
     for name, (default, domain, meaning) in method_flags.items():
         p.add_argument(f"--{name}", type=domain, default=default, help=meaning)
 p.add_argument("--model", type=text("a model"), default=DEFAULT_MODEL, help="HF id, local folder, config.json, or "
@@ -97,9 +97,11 @@ p.add_argument("--wandb", type=text("a project name"), default=None, metavar="PR
 args = p.parse_args()
 guards.report_user_errors()  # bad data, models or checkpoints: one sentence on stderr, not a traceback
 
-# the method, parsed once: its loss (losses.METHODS), and the reference rule (ref_update.Rule), or None if it is fixed
+# the method, parsed once: its loss (losses.METHODS) and how it reads log-probs, and the reference rule
+# (ref_update.Rule), or None if it is fixed
 method = args.method.removeprefix("tr_")
-loss_fn, pairing, own_flags = METHODS.get(method, (None, None, {}))
+loss_fn, pairing, _, own_flags = METHODS.get(method, (None, None, None, {}))
+reading = reduction(vars(args))  # "sum" or per-token "mean": how the loss reads log-probs (its METHODS entry)
 rule = Rule.of_args(p, args)  # None: the reference never moves
 guards.check_flags(p, args, method)  # values no run can use together: refused now, before anything loads
 out_dir = args.out_dir or os.path.join("out", f"{args.method}-{os.path.basename(args.dataset).removesuffix('.jsonl')}")
@@ -254,9 +256,9 @@ def losses_and_metrics(batch, kl, sft_tokens):
         logps = sequence_logps(policy, batch)  # batch (as transformers and TRL): the mean of these pair losses over
         losses = -logps * args.batch_size / sft_tokens  # the global batch's pairs, which the loop takes, is that mean
         return losses, {"loss": losses.detach().sum(), "logps/chosen": logps.detach().sum()}
-    policy_logps = sequence_logps(policy, batch, args.ipo_average)  # (2B,): chosen rows first, then rejected
+    policy_logps = sequence_logps(policy, batch, reading == "mean")  # (2B,): chosen rows first, then rejected
     with torch.no_grad():
-        ref_logps = sequence_logps(reference, batch, args.ipo_average)
+        ref_logps = sequence_logps(reference, batch, reading == "mean")
     own = {name: getattr(args, name) for name in own_flags}  # the loss's own options, e.g. --kto_lambda_d
     if pairing == "paired":
         losses, chosen_rewards, rejected_rewards = loss_fn(*policy_logps.chunk(2), *ref_logps.chunk(2), args.beta,
@@ -289,16 +291,15 @@ def sum_over_ranks(device_sums, host_counts, grad_norm):
 @torch.no_grad()
 def held_out_metrics():
     """Held-out pairs against the (moving) reference; the drift from the original SFT model of the policy and of
-    the reference (the centre of the trust region), in summed nats. Margins are on training's scale (per-token
-    means under --ipo_average)."""
+    the reference (the centre of the trust region), in summed nats. Margins are on training's scale (the method's
+    reduction: per-token means where it reads them)."""
     if not eval_batches:
         return {}
     sums = {}
     refs = held_out_logps(reference) if reference is not None else sft_logps
     for pol, sft, ref, (batch, w) in zip(held_out_logps(policy_raw), sft_logps, refs, eval_batches):
-        scale = batch["loss_mask"].sum(-1) if args.ipo_average else 1  # log-probs per token, as in training
         (pc, pr), (sc, sr), (rc, rr) = pol.chunk(2), sft.chunk(2), ref.chunk(2)
-        (hc, hr), (gc, gr) = (pol / scale).chunk(2), (ref / scale).chunk(2)
+        (hc, hr), (gc, gr) = (as_read(x, batch["loss_mask"], reading).chunk(2) for x in (pol, ref))  # as training
         m = {"eval/rewards/accuracies": ((hc - gc) > (hr - gr)).float(),
              "eval/rewards/margins": args.beta * ((hc - gc) - (hr - gr)),
              "drift/chosen": pc - sc, "drift/rejected": pr - sr,  # log pi - log pi_SFT on held-out completions
