@@ -62,8 +62,8 @@ class Metrics:
         if self.file:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
-        if self.wandb:
-            self.wandb.log(record, step=record["step"])
+        if self.wandb:  # numbers (a list, such as the reference updates applied, stays in metrics.jsonl)
+            self.wandb.log({k: v for k, v in record.items() if not isinstance(v, list)}, step=record["step"])
 
     def close(self):
         if self.file:

@@ -45,7 +45,7 @@ from guards import UserError, report_user_errors
 from locate import locate, reading
 from losses import as_read, reduction
 from model import load_model, load_tokenizer, sequence_logps
-from ref_update import Rule
+from plot import label as legend_label, read_run, reference_updates
 from sources import DataError, held_out, load_splits, report, skips_bad_rows
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -282,8 +282,19 @@ def describe(path, name, run):
     """Run name, method, alpha, tau, beta and step of a checkpoint; a plain model is its own run, method "base"."""
     match = re.search(r"step_(\d+)", os.path.normpath(path).removesuffix(os.sep + "policy"))
     run = run or {}
+    step = int(match.group(1)) if match else 0
     return {"run": name, "method": run.get("method", "base"), "alpha": run.get("alpha"), "tau": run.get("tau"),
-            "beta": run.get("beta"), "step": int(match.group(1)) if match else 0}
+            "beta": run.get("beta"), "step": step, "ref_updates": run and updates_recorded(path, step)}
+
+
+def updates_recorded(path, step):
+    """The reference updates a checkpoint's run recorded up to its step, [[step, weight], ...] from the run's
+    metrics.jsonl (plot.reference_updates), or None: a vanilla run, or no record beside the checkpoint."""
+    folder = os.path.dirname(os.path.normpath(path).removesuffix(os.sep + "policy"))
+    if not all(os.path.isfile(os.path.join(folder, f)) for f in ("args.json", "metrics.jsonl")):
+        return None
+    updates = reference_updates(read_run(folder)[1])
+    return None if updates is None else [[s, w] for s, w in updates if s <= step]
 
 
 def held_out_key(run):
@@ -541,8 +552,7 @@ def plot(results, path, quality):
         runs.setdefault(r["run"], []).append(r)
     for run, points in sorted(runs.items()):
         points.sort(key=lambda r: r["step"])
-        rule = Rule.of_run(points[0])  # the run's rule, said as plot.py says it
-        label = f"{run} ({points[0]['method']}{f', {rule.label}' if rule else ''})"
+        label = legend_label(run, points[-1]["method"], points[-1].get("ref_updates"), points[-1]["step"])
         ax.plot([r["kl_seq"] for r in points], [r[quality] for r in points], "o-", label=label)
     ax.set_xlabel("KL(pi || pi_SFT), nats per sequence (policy samples)")
     ax.set_ylabel({"gold_score": "gold score of samples", "win_rate": "win rate vs baseline"}[quality])

@@ -27,7 +27,9 @@ METRICS = {
     "grad_norm": ("the gradient's norm before clipping to --max_grad_norm", None, None),
     "lr": ("the learning rate of the line's step", None, None),
     "tokens_per_s": ("tokens trained on per second (padding excluded, all ranks, evaluations not timed)", None, None),
-    "ref_updates": ("reference updates so far (plot.py marks each from the run's rule)", None, None),
+    "ref_updates": ("reference updates so far", None, None),
+    "ref_updates/applied": ("the reference updates applied since the previous record, [[step, weight], ...] (a TR run's, "
+                            "where it moved): what plot.py marks and evaluate.py names", None, None),
     "skipped_steps": ("non-finite steps skipped so far (--skip_nonfinite)", None, None),
     "epoch": ("the epoch the step's batch came from, from 0", None, None),
     "eval/step": ("the step of the evaluation that the eval/* and drift/* keys repeat (0: before training)", None,

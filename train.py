@@ -30,7 +30,7 @@ from flags import at_least, positive, run_length, text
 from losses import METHODS, as_read, reduction
 from locate import DEFAULT_MODEL, locate
 from model import load_model, load_tokenizer, sequence_logps
-from ref_update import Rule, update_reference
+from ref_update import Rule
 from sources import DataError, load_splits, skips_bad_rows
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -328,18 +328,19 @@ def get_lr(step):
 def write_record():
     """The log record of the steps since the last one: means over those steps and all ranks, and the latest held-out
     metrics. At every log step, and before every checkpoint: a run stopped or killed after it loses no step's."""
-    global since_log, logged_step, t0
+    global since_log, logged_step, t0, applied
     if step == logged_step:
         return
     n, tokens, grad_norms = step - logged_step, since_log.pop("tokens"), since_log.pop("grad_norm")
     record = {"step": step, **{k: v / (n * args.batch_size) for k, v in since_log.items() if k != "stop"},
               "grad_norm": grad_norms / n, "lr": get_lr(step), "tokens_per_s": tokens / (time.time() - t0),
-              "ref_updates": ref_updates, "skipped_steps": skipped,
+              "ref_updates": ref_updates, **applied, "skipped_steps": skipped,
               "epoch": (step + skipped - 1) // batches.per_epoch, **held_out}
-    log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+    log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+                 if not isinstance(v, list)))  # the updates' list: metrics.jsonl only
     bar.set_postfix(loss=f"{record['loss']:.3f}")
     metrics.write(record)
-    since_log, logged_step, t0 = {}, step, time.time()
+    since_log, logged_step, t0, applied = {}, step, time.time(), {}
 
 
 def save():
@@ -365,7 +366,7 @@ if master and not resume_from:
 
 # ----------------------------------------------------------------------------------------------------------------
 # the loop
-since_log, logged_step, t0 = {}, step, time.time()  # sums since the last log line
+since_log, logged_step, t0, applied = {}, step, time.time(), {}  # sums, and the updates applied, since the last line
 held_out = held_out_metrics()
 stop = guards.StopSignals(under_torchrun=distributed)  # SIGTERM/Ctrl-C: finish the step, save, exit
 bar = tqdm(total=max_steps, initial=step, disable=not master, desc=args.method, dynamic_ncols=True)
@@ -410,13 +411,9 @@ while step < max_steps:
         held_out = held_out_metrics()
         t0 += time.time() - eval_start  # tokens/s counts training time only
 
-    # the paper's one line: every tau steps, theta_ref <- alpha * theta + (1 - alpha) * theta_ref
-    if rule and rule.due(step):
-        update_reference(reference, policy, rule.weight(step))
-        ref_updates += 1
-        if rule.tau > 1:  # (every step with tau 1: the log lines' ref_updates count them)
-            log(f"step {step}: reference updated ({ref_updates} so far): " +
-                ("a copy of the policy" if not rule.mixes else f"alpha {rule.weight(step):g}"))
+    # the paper's one line: every tau steps, theta_ref <- alpha * theta + (1 - alpha) * theta_ref (ref_update.py),
+    # each update applied recorded in the next log record (`applied`): what plot.py and evaluate.py draw
+    ref_updates += rule.apply(step, reference, policy, applied, log) if rule else 0
     if step % (args.log_interval or max_steps) == 0 or step in (1, max_steps):  # means since the last line, all ranks
         write_record()
     if (args.save_interval and step % args.save_interval == 0) or step == max_steps or totals["stop"]:
