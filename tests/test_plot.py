@@ -194,10 +194,39 @@ def test_the_reference_drift_drawn_from_a_few_evaluations_is_the_one_measured_at
     """Evaluations at steps 0, 3 and 6 alone draw the reference's drift at every step as an evaluation after every
     step measures it: the one the step trained with, constant from one copy to the next."""
     every_step = plot.read_run(tiny_run(*HARD, "--eval_interval", "1"))[1]
-    args, records = plot.read_run(tiny_run(*HARD, "--eval_interval", "3"))
+    _, records = plot.read_run(tiny_run(*HARD, "--eval_interval", "3"))
     for key in ("drift/reference_chosen", "drift/reference_rejected"):
-        x, y = plot.series(key, records, args)
+        x, y = plot.series(key, records)
         assert x == [0, 2, 2, 4, 4, 6], x  # flat pieces, a jump at each copy
         for r in every_step:  # the piece holding step s: from the copy before s to the copy at or after it
             drawn = [b for a, b, c in zip(x, y, x[1:]) if a < r["eval/step"] <= c or r["eval/step"] == a == 0]
             assert drawn and drawn[0] == pytest.approx(r[key], abs=1e-6), (key, r["eval/step"], drawn, r[key])
+
+
+def logged_keys():
+    """The keys train.py's code puts in a log record (the dicts of losses_and_metrics, held_out_metrics and
+    write_record) and those a reference rule adds to it (ref_update.py: record[...], record.setdefault(...)), read
+    from the code: a fast stand-in for running every method."""
+    import ast
+    keys = set()
+    for script, functions in (("train.py", ("losses_and_metrics", "held_out_metrics", "write_record")),
+                              ("ref_update.py", None)):
+        for f in ast.walk(ast.parse(open(os.path.join(ROOT, script)).read())):
+            if not isinstance(f, ast.FunctionDef) or functions and f.name not in functions:
+                continue
+            for node in ast.walk(f):
+                if functions and isinstance(node, ast.Dict):
+                    keys |= {k.value for k in node.keys if isinstance(k, ast.Constant)}
+                elif not functions and isinstance(node, ast.Call) and getattr(node.func, "attr", None) == \
+                        "setdefault" and getattr(node.func.value, "id", None) == "record":
+                    keys.add(node.args[0].value)
+                elif not functions and isinstance(node, ast.Subscript) and getattr(node.value, "id", None) == "record":
+                    keys.add(node.slice.value)
+    return keys
+
+
+def test_every_key_train_py_logs_is_declared_and_every_declared_key_is_in_its_code():
+    logged = logged_keys()
+    assert {"loss", "drift/chosen", "ref_updates/applied"} <= logged  # the scan reads the three and the rule
+    assert not logged - set(METRICS), f"logged but not declared in metrics.py: {sorted(logged - set(METRICS))}"
+    assert not set(METRICS) - logged, f"declared in metrics.py but not logged: {sorted(set(METRICS) - logged)}"
