@@ -284,7 +284,7 @@ def describe(path, name, run):
     run = run or {}
     step = int(match.group(1)) if match else 0
     return {"run": name, "method": run.get("method", "base"), "alpha": run.get("alpha"), "tau": run.get("tau"),
-            "beta": run.get("beta"), "step": step, "ref_updates": run and updates_recorded(path, step)}
+            "beta": run.get("beta"), "step": step, "ref_updates": updates_recorded(path, step) if run else None}
 
 
 def updates_recorded(path, step):
