@@ -109,14 +109,20 @@ def test_the_reference_drift_is_flat_between_updates_and_jumps_at_each(updates, 
     ({s: 0.1 for s in range(1, 41)}, [], "soft, alpha 0.1 every step"),  # a mark at every step: the legend says it
     ({16: 0.0, 32: 0.0}, [], "the reference never moved"),  # alpha 0: applied, moves nothing
 ])
-def test_the_reference_updates_drawn_and_named_are_those_the_run_recorded_not_its_flags(updates, marks, named,
-                                                                                          tmp_path):
-    folder = run_folder(tmp_path, "tr_dpo", evaluations({0: 0.0}, 40, updates))  # args.json: alpha 1, tau 2
-    fig = plot.figure([folder])
-    panels, (legend,) = cells(fig)
-    drawn = sorted({line.get_xdata()[0] for line in panels[0].get_lines() if line.get_linestyle() == ":"})
-    assert drawn == marks
-    assert f"tr_dpo (tr_dpo, {named})" in [t.get_text() for t in legend.get_legend().get_texts()]
+def test_the_reference_updates_marked_and_named_are_those_the_run_recorded_not_its_flags(updates, marks, named,
+                                                                                           tmp_path):
+    args, records = plot.read_run(run_folder(tmp_path, "tr_dpo", evaluations({0: 0.0}, 40, updates)))  # tau 2
+    recorded = plot.reference_updates(records)
+    assert [s for s, _ in recorded] == [s for s, w in updates.items() if w > 0]
+    assert (marks == []) == (not recorded or plot.every_step(recorded, 40))
+    assert plot.label("run", args["method"], recorded, 40) == f"run (tr_dpo, {named})"
+
+
+def test_the_figure_marks_the_updates_the_run_recorded(tmp_path):
+    folder = run_folder(tmp_path, "tr_dpo", evaluations({0: 0.0}, 40, {5: 1.0, 23: 1.0}))  # args.json: tau 2
+    panels, (legend,) = cells(plot.figure([folder]))
+    assert sorted({line.get_xdata()[0] for line in panels[0].get_lines() if line.get_linestyle() == ":"}) == [5, 23]
+    assert "tr_dpo (tr_dpo, 2 updates (copy))" in [t.get_text() for t in legend.get_legend().get_texts()]
 
 
 def test_a_run_logged_before_the_updates_were_recorded_is_named_without_them(tmp_path):
