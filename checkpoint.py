@@ -62,8 +62,8 @@ class Metrics:
         if self.file:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
-        if self.wandb:
-            self.wandb.log(record, step=record["step"])
+        if self.wandb:  # numbers (a list, such as the reference updates applied, stays in metrics.jsonl)
+            self.wandb.log({k: v for k, v in record.items() if not isinstance(v, list)}, step=record["step"])
 
     def close(self):
         if self.file:
@@ -83,6 +83,17 @@ def logged_by(line, step):
 def completed(out_dir):
     """The complete checkpoints in out_dir, oldest first (a crash leaves only step_N.tmp, never a half step_N)."""
     return sorted(d for d in glob.glob(os.path.join(out_dir, "step_*")) if not d.endswith(".tmp"))
+
+
+def finished(out_dir, length=None):
+    """Whether the run in out_dir is finished: its latest complete checkpoint is at the run's last step (`length`, else
+    the run's length when that checkpoint was saved). Read from the checkpoint, never from an exit status: a run stopped
+    by a signal saves a checkpoint too (and exits STOPPED, guards.py), and continues with --resume."""
+    done = completed(out_dir)
+    if not done:
+        return False
+    state = read_progress(done[-1])
+    return state["step"] >= (length or state["run"].get("max_steps") or float("inf"))
 
 
 def prepare_out_dir(out_dir, resume, overwrite):

@@ -43,8 +43,9 @@ from data import REFUSED, collate, fingerprint, pad, render, shorten, to_device,
 from flags import at_least, text
 from guards import UserError, report_user_errors
 from locate import locate, reading
+from losses import as_read, reduction
 from model import load_model, load_tokenizer, sequence_logps
-from ref_update import Rule
+from plot import label as legend_label, read_run, reference_updates
 from sources import DataError, held_out, load_splits, report, skips_bad_rows
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -281,8 +282,19 @@ def describe(path, name, run):
     """Run name, method, alpha, tau, beta and step of a checkpoint; a plain model is its own run, method "base"."""
     match = re.search(r"step_(\d+)", os.path.normpath(path).removesuffix(os.sep + "policy"))
     run = run or {}
+    step = int(match.group(1)) if match else 0
     return {"run": name, "method": run.get("method", "base"), "alpha": run.get("alpha"), "tau": run.get("tau"),
-            "beta": run.get("beta"), "step": int(match.group(1)) if match else 0}
+            "beta": run.get("beta"), "step": step, "ref_updates": updates_recorded(path, step) if run else None}
+
+
+def updates_recorded(path, step):
+    """The reference updates a checkpoint's run recorded up to its step, [[step, weight], ...] from the run's
+    metrics.jsonl (plot.reference_updates), or None: a vanilla run, or no record beside the checkpoint."""
+    folder = os.path.dirname(os.path.normpath(path).removesuffix(os.sep + "policy"))
+    if not all(os.path.isfile(os.path.join(folder, f)) for f in ("args.json", "metrics.jsonl")):
+        return None
+    updates = reference_updates(read_run(folder)[1])
+    return None if updates is None else [[s, w] for s, w in updates if s <= step]
 
 
 def held_out_key(run):
@@ -478,16 +490,21 @@ def fit_prompts(tokenizer, prompts, max_length, max_prompt_length, max_new_token
 
 
 def pair_logps(model, pair_batches):
-    """(chosen, rejected) log-probs of the held-out pairs, batch by batch."""
+    """Summed log-probs of the held-out pairs (chosen rows, then rejected), batch by batch."""
     with torch.no_grad():
-        return [sequence_logps(model, batch).chunk(2) for batch in pair_batches]
+        return [sequence_logps(model, batch) for batch in pair_batches]
 
 
-def reward_accuracy(policy_pairs, sft_pairs):
+def reward_accuracy(policy_logps, sft_logps, pair_batches, reduction):
     """The implicit-reward accuracy on held-out pairs, the SFT model as the reference: the share of pairs whose chosen
-    completion gained more log-prob than the rejected one. A tie (every pair's, when the policy is the SFT model)
-    counts one half, as in the win rate: no better than chance, not always wrong."""
-    margins = torch.cat([(pc - sc) - (pr - sr) for (pc, pr), (sc, sr) in zip(policy_pairs, sft_pairs)]).double()
+    completion gained more log-prob than the rejected one, log-probs read as the run's loss reads them (`reduction`,
+    losses.reduction: sums, or per-token means). A tie (every pair's, when the policy is the SFT model) counts one
+    half, as in the win rate: no better than chance, not always wrong."""
+    margins = []
+    for pol, sft, batch in zip(policy_logps, sft_logps, pair_batches):
+        (pc, pr), (sc, sr) = (as_read(x, batch["loss_mask"], reduction).chunk(2) for x in (pol, sft))
+        margins.append((pc - sc) - (pr - sr))
+    margins = torch.cat(margins).double()
     return ((margins > 0).double() + 0.5 * (margins == 0).double()).mean().item()
 
 
@@ -517,7 +534,8 @@ def evaluate(path, name, run, baseline, sft_model, prompts, prompt_ids, pair_bat
         result["criteria"] = criteria_means(extra, enumerate(texts))
         result["baseline_criteria"] = criteria_means(extra, enumerate(baseline))
     if pair_batches:
-        result["reward_accuracy"] = reward_accuracy(pair_logps(model, pair_batches), sft_pair_logps)
+        result["reward_accuracy"] = reward_accuracy(pair_logps(model, pair_batches), sft_pair_logps, pair_batches,
+                                                    reduction(run or {}))
     result["samples"] = [{"prompt": prompt_text(p), "completion": t, "baseline": b}
                          for p, t, b in zip(prompts[:20], texts[:20], baseline[:20])]
     return result
@@ -534,8 +552,7 @@ def plot(results, path, quality):
         runs.setdefault(r["run"], []).append(r)
     for run, points in sorted(runs.items()):
         points.sort(key=lambda r: r["step"])
-        rule = Rule.of_run(points[0])  # the run's rule, said as plot.py says it
-        label = f"{run} ({points[0]['method']}{f', {rule.label}' if rule else ''})"
+        label = legend_label(run, points[-1]["method"], points[-1].get("ref_updates"), points[-1]["step"])
         ax.plot([r["kl_seq"] for r in points], [r[quality] for r in points], "o-", label=label)
     ax.set_xlabel("KL(pi || pi_SFT), nats per sequence (policy samples)")
     ax.set_ylabel({"gold_score": "gold score of samples", "win_rate": "win rate vs baseline"}[quality])

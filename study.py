@@ -28,9 +28,9 @@ import subprocess
 import sys
 import time
 
-from checkpoint import completed
+from checkpoint import completed, finished
 from flags import at_least, text
-from guards import UserError, report_user_errors
+from guards import STOPPED, UserError, report_user_errors
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = ["--method dpo", "--method tr_dpo --tau 16", "--method tr_dpo --alpha 0.1"]  # RESULTS.md's three
@@ -51,8 +51,8 @@ def call(command):
     print("$ " + shlex.join(command), flush=True)
     status = subprocess.run(command).returncode
     if status != 0:
-        raise UserError(f"this command failed (exit {status}); fix what it says and run the study again: finished runs "
-                        "are kept, this one continues")
+        raise UserError(f"this command {'was stopped' if status == STOPPED else 'failed'} (exit {status}); fix what it "
+                        "says and run the study again: finished runs are kept, this one continues")
 
 
 def run(config, seed, args, result):
@@ -62,6 +62,9 @@ def run(config, seed, args, result):
     again = ["--resume"] if completed(out_dir) else ["--overwrite"]  # stopped mid-run: continue it
     call([*shlex.split(args.launcher), os.path.join(HERE, "train.py"), *shlex.split(args.train), *shlex.split(config),
           "--seed", str(seed), "--out_dir", out_dir, *again])
+    if not finished(out_dir):  # read from its checkpoints, not from the exit status a launcher passed on
+        raise UserError(f"the training in {out_dir} stopped before its last step (a signal?): nothing is recorded; run "
+                        "the study again to continue it")
     trained = time.time()
     checkpoints = completed(out_dir)
     eval_dir = out_dir + "-eval"
@@ -105,12 +108,39 @@ def aggregate(records):
 
 
 def at_kl(curve, kl):
-    """A curve's quality at `kl`, linear between its points [(kl, quality), ...]; None outside them (no guess)."""
-    curve = sorted(curve)
-    for (k0, q0), (k1, q1) in zip(curve, curve[1:]):
-        if k0 <= kl <= k1:
-            return q0 + (q1 - q0) * (kl - k0) / (k1 - k0) if k1 > k0 else (q0 + q1) / 2
-    return None
+    """A curve's quality at `kl`, linear between consecutive points [(kl, quality), ...] in step order (the SFT model
+    at KL 0, then the checkpoints by step); None where it never reaches `kl` (no guess). A curve that turns back crosses
+    a KL more than once: the mean over its crossings, each point of the curve at that KL once."""
+    crossings = {}
+    for i, ((k0, q0), (k1, q1)) in enumerate(zip(curve, curve[1:])):
+        for point, (k, q) in ((i, (k0, q0)), (i + 1, (k1, q1))):
+            if k == kl:
+                crossings[point] = q
+        if min(k0, k1) < kl < max(k0, k1):
+            crossings[(i, i + 1)] = q0 + (q1 - q0) * (kl - k0) / (k1 - k0)
+    return sum(crossings.values()) / len(crossings) if crossings else None
+
+
+def t_test(values):
+    """(t, two-sided p) of the mean of `values` against 0 on len - 1 degrees of freedom (Student's t: with 4 seeds a
+    mean four standard errors from 0 has p 0.025, not a normal's 0.00006). The closed form for integer degrees of
+    freedom (Abramowitz & Stegun 26.7.3-4): A = P(|T| < t) from theta = atan(t / sqrt(df))."""
+    df = len(values) - 1
+    m, se = mean_se(values)
+    t = m / se if se > 0 else math.copysign(math.inf, m)
+    theta = math.atan(abs(t) / math.sqrt(df))
+    cos, term, total = math.cos(theta), 1.0, 1.0  # the series' first term, then each from the one before
+    for k in range(2, df - 1, 2):  # up to cos^(df - 2) theta
+        term *= cos ** 2 * k / (k + 1) if df % 2 else cos ** 2 * (k - 1) / k
+        total += term
+    inside = (2 / math.pi * (theta + math.sin(theta) * cos * total * (df > 1)) if df % 2 else math.sin(theta) * total)
+    return t, max(0.0, 1 - inside)
+
+
+def difference(values):
+    """A paired difference over seeds as printed: mean ± s.e., and Student's two-sided p (t_test) from 2 seeds on."""
+    m, se = mean_se(values)
+    return f"{m:+.3f} ± {se:.3f}" + (f" (p {t_test(values)[1]:.3f})" if len(values) > 1 else "")
 
 
 def report(records, configs, out):
@@ -125,25 +155,25 @@ def report(records, configs, out):
     first = configs[0]
     quality = "gold" if all(r["gold"] is not None for r in records) else "win_rate"
     by = {(r["config"], r["step"], r["seed"]): r for r in records}
-    curves = {}  # seed -> the first configuration's curve: the SFT model at KL 0, then its checkpoints
-    for r in records:
+    curves = {}  # seed -> the first configuration's curve in step order: the SFT model at KL 0, then its checkpoints
+    for r in sorted(records, key=lambda r: r["step"]):
         if r["config"] == first:
             curves.setdefault(r["seed"], [(0.0, sft(r)[quality])])
             curves[r["seed"]].append((r["kl"], r[quality]))
     print(f"\nminus {first}, same step and seed (paired: same prompts and sampling seeds), mean ± s.e. over seeds; "
-          f"last, {quality} minus {first}'s at the same KL (its curve in that seed, linear between its points; the "
-          "seeds whose KL it reaches)")
+          f"(p: Student's t, two-sided, seeds - 1 degrees of freedom); last, {quality} minus {first}'s at the same KL "
+          "(its curve in that seed in step order, linear between its points, the mean where it crosses that KL more "
+          "than once; the seeds whose KL it reaches)")
     for config in configs[1:]:
         for step in sorted({r["step"] for r in records if r["config"] == config}):
             pairs = [(by[(config, step, s)], by[(first, step, s)]) for s in sorted({r["seed"] for r in records})
                      if (config, step, s) in by and (first, step, s) in by]
             if pairs:
-                cells = [f"{q} {m:+.3f} ± {se:.3f}" for q, _ in QUANTITIES[:3] if pairs[0][0][q] is not None
-                         for m, se in [mean_se([a[q] - b[q] for a, b in pairs])]]
+                cells = [f"{q} {difference([a[q] - b[q] for a, b in pairs])}" for q, _ in QUANTITIES[:3]
+                         if pairs[0][0][q] is not None]
                 on_curve = [(r[quality], at_kl(curves[r["seed"]], r["kl"])) for r, _ in pairs]
                 matched = [q - q_first for q, q_first in on_curve if q_first is not None]
-                m, se = mean_se(matched) if matched else (None, None)
-                cells.append(f"at the same KL {m:+.3f} ± {se:.3f} in {len(matched)} of {len(pairs)}" if matched
+                cells.append(f"at the same KL {difference(matched)} in {len(matched)} of {len(pairs)}" if matched
                              else f"at the same KL: none of {len(pairs)}")
                 print(f"{config:<28} {step:>4} {len(pairs):>5}  " + "   ".join(cells))
     import matplotlib

@@ -128,7 +128,7 @@ def command_of(part):
 
 
 EXPECTED = {  # what a part's command, reduced (the tiny model, fewer steps), must still print; by what it holds
-    "--tau 3 ": [r"step 2: reference updated \(1 so far\)", r"step 1 loss 0\.6931 .*rewards/margins 0 ",
+    "--tau 3 ": [r"step 2: reference updated: a copy of the policy", r"step 1 loss 0\.6931 .*rewards/margins 0 ",
                 r"wrote .*curves\.png",
                 # the reference's drift after the copy is the policy's at the copy: the trust region's centre jumps
                 r"^step 2 .*drift/rejected (\S+) .*\n(?:.*\n)*?step 3 .*drift/reference_rejected \1$"],
