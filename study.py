@@ -31,6 +31,7 @@ import time
 from checkpoint import completed
 from flags import at_least, text
 from guards import UserError, report_user_errors
+from identity import configuration, configuration_name as name
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = ["--method dpo", "--method tr_dpo --tau 16", "--method tr_dpo --alpha 0.1"]  # RESULTS.md's three
@@ -39,11 +40,17 @@ EVALUATE = "--baseline smollm2-135m-instruct --n_prompts 250 --max_new_tokens 48
 QUANTITIES = [("gold", "gold"), ("win_rate", "win rate"), ("kl", "KL seq"), ("mean_length", "length")]
 
 
-def name(config):
-    """A configuration's folder name from its flags: "--method tr_dpo --tau 16" -> "tr_dpo-tau16"."""
-    words = shlex.split(config)
-    pairs = dict(zip(words[::2], words[1::2]))
-    return "-".join([pairs.pop("--method", "tr_dpo")] + [k.lstrip("-") + v for k, v in pairs.items()])
+def finished(result, config):
+    """Whether `result` (results/study/NAME-seedS.json) holds this configuration's results: it exists, and the
+    configuration it records parses as this one (identity.configuration); one that a name stands for alike is
+    refused, never taken for this one."""
+    if not os.path.exists(result):
+        return False
+    recorded = json.load(open(result))["config"]
+    if configuration(recorded) != configuration(config):
+        raise UserError(f"{result} holds the results of configuration {recorded!r}, not of {config!r}, which has the "
+                        "same name: move that file away, or give this configuration's flags otherwise")
+    return True
 
 
 def call(command):
@@ -203,7 +210,7 @@ def main():
     for seed in args.seeds:
         for config in args.configs:
             result = os.path.join(folder, f"{name(config)}-seed{seed}.json")
-            if os.path.exists(result):
+            if finished(result, config):
                 print(f"skipped {name(config)} seed {seed}: {result} holds its results")
             else:
                 run(config, seed, args, result)
