@@ -74,8 +74,8 @@ def model_fingerprint(name, flag="--model", seed=0):
     """A sha256 of what a model argument loads (locate.py): every file of its folder (weights sampled: hash_file), and
     of its tokenizer's folder where that is another (a config .json's: the default model's); a config .json by its
     text and the seed of its random weights; a hub id by the commit its files come from. A model folder written again
-    with other weights under the same path gets another fingerprint. It reads 8 KiB per tensor, however large: about
-    3 MB of Pythia-2.8B's 11 GB (DESIGN.md, "What is compared by content")."""
+    with other weights under the same path gets another fingerprint. It reads 4 KiB of each tensor, however large:
+    1.6 MB of Pythia-2.8B's 11 GB (DESIGN.md, "What is compared by content")."""
     from locate import locate
     source = locate(name, flag)
     if source.kind == "hub":
