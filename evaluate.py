@@ -18,12 +18,14 @@ Writes a table to stdout, one JSON per checkpoint, scored_rows.json (what was sc
 Held out means never trained on. A checkpoint's run (its state.pt, or out/RUN/args.json) says what it trained on:
 of a JSONL file, all but the prompts it held out, so exactly those rows are scored (split as train.py splits the
 file, and checked against the checkpoint's data hash: a file changed since is refused); of demo and the hub sets,
-the train split, so rows are drawn from the test split. Checkpoints of runs that hold out different rows are refused,
-and so is a baseline from a run on the same file with another split. A plain model has no run: a JSONL --prompts
-file is then drawn from whole. Prompts are cut as training cuts them, with the runs' --max_length and
+the train split, so rows are drawn from the test split. Any other --prompts is drawn from whole, less the rows whose
+prompt (its conversation: identity.prompt_key) the runs trained on, counted. Checkpoints of runs that hold out different rows
+are refused, and so is a baseline from a run on the same file with another split. A plain model has no run: a JSONL
+--prompts file is then drawn from whole. Prompts are cut as training cuts them, with the runs' --max_length and
 --max_prompt_length (a plain model: 512 and 256), and the pairs are tokenized with them. The baseline is the model the
-runs started from (their --model); runs are named by the shortest ending of their paths that tells them apart; an
---out_dir holding an earlier call's files is refused unless --overwrite."""
+runs started from (their --model), compared by a fingerprint of its weights and tokenizer (identity.py), and every
+checkpoint must render the prompts as its tokenizer does; runs are named by the shortest ending of their paths that
+tells them apart; an --out_dir holding an earlier call's files is refused unless --overwrite."""
 import argparse
 import filecmp
 import json
@@ -346,9 +348,9 @@ def starting_model(runs, baseline):
         if not run:
             continue
         start = (run["model"], run.get("seed", 0))  # the seed: a config .json's random weights
-        started = run.get("model_sha256") or now.get(start) or now.setdefault(
-            start, model_fingerprint(run["model"], "the runs' --model", seed=start[1]))
-        if started != mine:
+        if not run.get("model_sha256") and start not in now:  # a run from before fingerprints were kept
+            now[start] = model_fingerprint(run["model"], "the runs' --model", seed=start[1])
+        if (run.get("model_sha256") or now[start]) != mine:
             raise UserError(f"--baseline {baseline} is not the model the checkpoints' runs started from "
                             f"({run['model']}, their --model): {path}'s run started from other weights or another "
                             "tokenizer (compared by content, whatever the paths), so KL to SFT and the win rate would "
@@ -402,8 +404,9 @@ def same_data(prompts, dataset):
 def rows_to_score(prompts, data, runs, args, log):
     """(rows to score, training rows): max(--n_prompts, --n_pairs) rows the runs never trained on. Of the runs' JSONL
     file, its held-out rows, split exactly as train.py splits it (data.load_splits); of demo and the hub sets, rows
-    drawn from the test split; of any other file, rows drawn from all of it (no run trained on it). The runs' file
-    must split as it did for them (check_data_hash)."""
+    drawn from the test split; of any other set, rows drawn from all of it; either way less the rows whose prompt
+    (identity.prompt_key) the runs trained on, counted. The runs' file must split as it did for them
+    (check_data_hash)."""
     n = max(args.n_prompts, args.n_pairs)
     # a run's paths are relative to the folder train.py ran in; without its file its held-out rows cannot be told
     run_file = data and prompts.endswith(".jsonl") and data["dataset"].endswith(".jsonl") and data["dataset"]
