@@ -19,8 +19,8 @@ Held out means never trained on. A checkpoint's run (its state.pt, or out/RUN/ar
 of a JSONL file, all but the prompts it held out, so exactly those rows are scored (split as train.py splits the
 file, and checked against the checkpoint's data hash: a file changed since is refused); of demo and the hub sets,
 the train split, so rows are drawn from the test split. Any other --prompts is drawn from whole, less the rows whose
-prompt (its conversation: identity.prompt_key) the runs trained on, counted. Checkpoints of runs that hold out different rows
-are refused, and so is a baseline from a run on the same file with another split. A plain model has no run: a JSONL
+prompt (its conversation: identity.prompt_key) the runs trained on, counted. Checkpoints of runs that hold out
+different rows are refused, and so is a baseline from a run on the same file with another split. A plain model has no run: a JSONL
 --prompts file is then drawn from whole. Prompts are cut as training cuts them, with the runs' --max_length and
 --max_prompt_length (a plain model: 512 and 256), and the pairs are tokenized with them. The baseline is the model the
 runs started from (their --model), compared by a fingerprint of its weights and tokenizer (identity.py), and every
