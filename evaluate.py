@@ -15,17 +15,18 @@ max_new_tokens).
 Writes a table to stdout, one JSON per checkpoint, scored_rows.json (what was scored) and a PNG of quality against KL
 (one line per run): the paper's over-optimization plot.
 
-Held out means never trained on. A checkpoint's run (its state.pt, or out/RUN/args.json) says what it trained on:
-of a JSONL file, all but the prompts it held out, so exactly those rows are scored (split as train.py splits the
-file, and checked against the checkpoint's data hash: a file changed since is refused); of demo and the hub sets,
-the train split, so rows are drawn from the test split. Any other --prompts is drawn from whole, less the rows whose
+Held out means never trained on. A checkpoint's run (its state.pt, or out/RUN/args.json) says what it trained on: of
+a JSONL file, all but the prompts it held out, so exactly those rows are scored (split as train.py splits the file,
+and checked against the checkpoint's data hash: a file changed since is refused); of demo and the hub sets, the
+train split, so rows are drawn from the test split. Any other --prompts is drawn from whole, less the rows whose
 prompt (its conversation: identity.prompt_key) the runs trained on, counted. Checkpoints of runs that hold out
-different rows are refused, and so is a baseline from a run on the same file with another split. A plain model has no run: a JSONL
---prompts file is then drawn from whole. Prompts are cut as training cuts them, with the runs' --max_length and
---max_prompt_length (a plain model: 512 and 256), and the pairs are tokenized with them. The baseline is the model the
-runs started from (their --model), compared by a fingerprint of its weights and tokenizer (identity.py), and every
-checkpoint must render the prompts as its tokenizer does; runs are named by the shortest ending of their paths that
-tells them apart; an --out_dir holding an earlier call's files is refused unless --overwrite."""
+different rows are refused, and so is a baseline from a run on the same file with another split. A plain model has
+no run: a JSONL --prompts file is then drawn from whole. Prompts are cut as training cuts them, with the runs'
+--max_length and --max_prompt_length (a plain model: 512 and 256), and the pairs are tokenized with them. The
+baseline is the model the runs started from (their --model), compared by a fingerprint of its weights and tokenizer
+(identity.py), and every checkpoint must render the prompts as its tokenizer does; runs are named by the shortest
+ending of their paths that tells them apart; an --out_dir holding an earlier call's files is refused unless
+--overwrite."""
 import argparse
 import filecmp
 import json
