@@ -104,7 +104,7 @@ def configuration(config):
             flag, equals, value = word[2:].partition("=")
             parsed[flag] = value if equals else True
         elif flag is None:
-            raise UserError(f"--configs {config!r}: {word!r} follows no flag; give train.py flags, e.g. --method dpo")
+            raise UserError(f"{config!r}: {word!r} follows no flag; give flags only, e.g. --method dpo --tau 16")
         else:
             parsed[flag] = word if parsed[flag] is True else f"{parsed[flag]} {word}"
     return parsed

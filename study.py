@@ -178,10 +178,12 @@ def report(records, configs, out):
 
 
 def check_same_study(folder, args):
-    """Every run of a study trains and evaluates alike: a run file made with other flags is refused."""
+    """Every run of a study trains and evaluates alike: a run file made with other flags (parsed: their spelling and
+    order do not matter) is refused."""
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         r = json.load(open(path))
-        if (r["train"], r["evaluate"]) != (args.train, args.evaluate):
+        if [configuration(r["train"]), configuration(r["evaluate"])] != [configuration(args.train),
+                                                                          configuration(args.evaluate)]:
             raise UserError(f"{path} was made with --train={r['train']!r} --evaluate={r['evaluate']!r}, not with "
                             "this command's: give the same flags, or another --out for another study")
 
@@ -217,9 +219,11 @@ def main():
             for checkpoint in completed(os.path.join(args.work, f"{name(config)}-seed{seed}")):
                 shutil.rmtree(checkpoint)  # only results are kept: a checkpoint of 135M parameters is 1.6 GB
     runs = [json.load(open(path)) for path in sorted(glob.glob(os.path.join(folder, "*.json")))]
-    records = [record for r in runs for record in r["records"]]
+    spelled = {name(c): c for c in args.configs}  # a configuration is its parsed flags: spelt as this command does
+    records = [{**record, "config": spelled.get(name(record["config"]), record["config"])}
+               for r in runs for record in r["records"]]
     json.dump(records, open(args.out, "w"), indent=1)
-    configs = list(dict.fromkeys([*args.configs, *(r["config"] for r in runs)]))
+    configs = list(dict.fromkeys([*args.configs, *(record["config"] for record in records)]))
     report(records, configs, args.out)
     hours = [sum(r["wall_s"][part] for r in runs) / 3600 for part in ("train", "evaluate")]
     print(f"\nwrote {args.out} ({len(records)} records of {len(runs)} runs, which took {hours[0]:.2f} h of training "

@@ -164,3 +164,24 @@ def test_a_result_is_reused_only_for_the_configuration_it_records(tmp_path):
     result.write_text(json.dumps({"config": "--method tr_dpo --tau1 6"}))  # another, under the same name
     with pytest.raises(UserError, match="holds the results of configuration '--method tr_dpo --tau1 6'"):
         study.finished(str(result), "--method tr_dpo --tau 16")
+
+
+def test_a_study_reads_its_results_as_the_same_configurations_however_they_are_spelt(tmp_path, monkeypatch, capsys):
+    """Files made with `--tau 16` and `--max_steps 2 --lr 1e-3` are this command's `--tau=16` and `--lr 1e-3
+    --max_steps 2`: reused, and aggregated under the command's spelling, not as another configuration."""
+    folder = tmp_path / "study"
+    folder.mkdir()
+    for config in ("--method dpo", "--method tr_dpo --tau 16"):
+        records = [{"config": config, "seed": 0, "step": step, "gold": 0.5, "win_rate": 0.5, "kl": float(step),
+                    "mean_length": 9.0, "baseline_gold": 0.4} for step in (1, 2)]
+        (folder / f"{study.name(config)}-seed0.json").write_text(json.dumps({
+            "config": config, "seed": 0, "train": "--max_steps 2 --lr 1e-3", "evaluate": "--n_prompts 4",
+            "records": records, "wall_s": {"train": 1.0, "evaluate": 1.0}}))
+    configs = ["--method dpo", "--method tr_dpo --tau=16"]
+    monkeypatch.setattr(sys, "argv", ["study.py", "--configs", *configs, "--seeds", "0", "--train=--lr 1e-3 "
+                                      "--max_steps 2", "--evaluate=--n_prompts=4", "--work", str(tmp_path / "work"),
+                                      "--out", str(tmp_path / "study.json")])
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    study.main()
+    assert capsys.readouterr().out.count("skipped") == 2
+    assert {r["config"] for r in json.load(open(tmp_path / "study.json"))} == set(configs)
