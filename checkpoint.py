@@ -125,8 +125,8 @@ def clear_out_dir(out_dir, master):
 def check_same_run(saved, current, parser, where):
     """--resume continues the run the checkpoint belongs to: every argument but MAY_CHANGE must be the checkpoint's,
     and the run's length (max_steps) too where a flag of `parser` (train.py's) says the run depends on it. A key an
-    older checkpoint lacks (a flag added since) is the same when now the parser's default, or None: not in force (a
-    vanilla method records the rule's flags so), it could not have mattered then."""
+    older checkpoint lacks (a flag added since) matches the parser's default, and None (a flag not in force: a vanilla
+    method records the rule's flags so): the run had no such flag, so it ran as either."""
     defaults = vars(parser.parse_args([]))
     tied = flags.length_dependent(parser, {**defaults, **saved})
     may_change = set(MAY_CHANGE) - (set(LENGTH) if tied else set())
