@@ -192,8 +192,8 @@ def test_a_checkpoint_holds_no_random_number_state(finished):
     index that does not exist fails (torch/cuda/random.py). A CPU cannot show that failure; it can show the state."""
     state = torch.load(finished[0] / "step_000002" / "state.pt", weights_only=False)
     assert "rng" not in state and not any(isinstance(v, torch.ByteTensor) for v in state.values())
-    assert sorted(state) == ["data_sha256", "optimizer", "ref_updates", "reference", "run", "skipped_steps", "step",
-                             "wandb_id"]
+    assert sorted(state) == ["data_sha256", "model_sha256", "optimizer", "ref_updates", "reference", "run",
+                             "skipped_steps", "step", "wandb_id"]
 
 
 def anonymous_bytes():
