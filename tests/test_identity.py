@@ -2,6 +2,8 @@
 model by a fingerprint of its weights and tokenizer, whatever its path; a study configuration by its parsed flags,
 whatever its words. Each test compares with what the model sees (rendered token ids) or with train.py's own parser."""
 import argparse
+import copy
+import functools
 import glob
 import json
 import os
@@ -42,7 +44,8 @@ def rendered(tokenizer, rows):
 
 def test_a_prompt_written_as_text_and_as_one_message_is_held_out_whole(chat_tokenizer, tmp_path):
     train, held = load_splits(as_text_and_as_a_message(tmp_path / "merged.jsonl"), 64, **quiet)
-    leaked = [r for r in held if tuple(render(chat_tokenizer, r["prompt"])) in rendered(chat_tokenizer, train)]
+    trained = rendered(chat_tokenizer, train)
+    leaked = [r for r in held if tuple(render(chat_tokenizer, r["prompt"])) in trained]
     assert len(held) == 64 and not leaked, f"{len(leaked)} of {len(held)} held-out rows render as a training row"
 
 
@@ -73,12 +76,18 @@ def test_prompts_from_another_file_leave_out_every_prompt_the_runs_trained_on_an
     assert "left out 32 of the 50 good rows drawn: their prompt is trained on" in " ".join(said)
 
 
+@functools.cache
+def tiny_tokenizer():
+    from model import load_tokenizer
+    return load_tokenizer(TINY, log=lambda m: None)
+
+
 def saved_model(folder, seed=0, chat_template=True):
     """A tiny model folder (tests/tiny_llama.json's weights drawn with `seed`) with the default tokenizer, or that
     tokenizer without its chat template (as a plain model's)."""
-    from model import load_model, load_tokenizer
+    from model import load_model
     load_model(TINY, seed=seed).save_pretrained(folder)
-    tokenizer = load_tokenizer(TINY, log=lambda m: None)
+    tokenizer = copy.deepcopy(tiny_tokenizer())
     if not chat_template:
         tokenizer.chat_template = None
     tokenizer.save_pretrained(folder)
