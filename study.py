@@ -31,6 +31,7 @@ import time
 from checkpoint import completed, finished
 from flags import at_least, text
 from guards import STOPPED, UserError, report_user_errors
+from identity import configuration, configuration_name as name
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = ["--method dpo", "--method tr_dpo --tau 16", "--method tr_dpo --alpha 0.1"]  # RESULTS.md's three
@@ -39,11 +40,17 @@ EVALUATE = "--baseline smollm2-135m-instruct --n_prompts 250 --max_new_tokens 48
 QUANTITIES = [("gold", "gold"), ("win_rate", "win rate"), ("kl", "KL seq"), ("mean_length", "length")]
 
 
-def name(config):
-    """A configuration's folder name from its flags: "--method tr_dpo --tau 16" -> "tr_dpo-tau16"."""
-    words = shlex.split(config)
-    pairs = dict(zip(words[::2], words[1::2]))
-    return "-".join([pairs.pop("--method", "tr_dpo")] + [k.lstrip("-") + v for k, v in pairs.items()])
+def recorded(result, config):
+    """Whether `result` (results/study/NAME-seedS.json) holds this configuration's results: it exists, and the
+    configuration it records parses as this one (identity.configuration); one that a name stands for alike is
+    refused, never taken for this one."""
+    if not os.path.exists(result):
+        return False
+    recorded = json.load(open(result))["config"]
+    if configuration(recorded) != configuration(config):
+        raise UserError(f"{result} holds the results of configuration {recorded!r}, not of {config!r}, which has the "
+                        "same name: move that file away, or give this configuration's flags otherwise")
+    return True
 
 
 def call(command):
@@ -201,10 +208,12 @@ def report(records, configs, out):
 
 
 def check_same_study(folder, args):
-    """Every run of a study trains and evaluates alike: a run file made with other flags is refused."""
+    """Every run of a study trains and evaluates alike: a run file made with other flags (parsed: their spelling and
+    order do not matter) is refused."""
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         r = json.load(open(path))
-        if (r["train"], r["evaluate"]) != (args.train, args.evaluate):
+        if [configuration(r["train"]), configuration(r["evaluate"])] != [configuration(args.train),
+                                                                          configuration(args.evaluate)]:
             raise UserError(f"{path} was made with --train={r['train']!r} --evaluate={r['evaluate']!r}, not with "
                             "this command's: give the same flags, or another --out for another study")
 
@@ -233,16 +242,18 @@ def main():
     for seed in args.seeds:
         for config in args.configs:
             result = os.path.join(folder, f"{name(config)}-seed{seed}.json")
-            if os.path.exists(result):
+            if recorded(result, config):
                 print(f"skipped {name(config)} seed {seed}: {result} holds its results")
             else:
                 run(config, seed, args, result)
             for checkpoint in completed(os.path.join(args.work, f"{name(config)}-seed{seed}")):
                 shutil.rmtree(checkpoint)  # only results are kept: a checkpoint of 135M parameters is 1.6 GB
     runs = [json.load(open(path)) for path in sorted(glob.glob(os.path.join(folder, "*.json")))]
-    records = [record for r in runs for record in r["records"]]
+    spelled = {name(c): c for c in args.configs}  # a configuration is its parsed flags: spelt as this command does
+    records = [{**record, "config": spelled.get(name(record["config"]), record["config"])}
+               for r in runs for record in r["records"]]
     json.dump(records, open(args.out, "w"), indent=1)
-    configs = list(dict.fromkeys([*args.configs, *(r["config"] for r in runs)]))
+    configs = list(dict.fromkeys([*args.configs, *(record["config"] for record in records)]))
     report(records, configs, args.out)
     hours = [sum(r["wall_s"][part] for r in runs) / 3600 for part in ("train", "evaluate")]
     print(f"\nwrote {args.out} ({len(records)} records of {len(runs)} runs, which took {hours[0]:.2f} h of training "

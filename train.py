@@ -27,8 +27,9 @@ import guards
 import memory
 from data import Batches, collate, fingerprint, held_out_batches, to_device, tokenize
 from flags import at_least, positive, run_length, text
+from identity import model_fingerprint
 from losses import METHODS, as_read, reduction
-from locate import DEFAULT_MODEL, locate
+from locate import DEFAULT_MODEL
 from model import load_model, load_tokenizer, sequence_logps
 from ref_update import Rule
 from sources import DataError, load_splits, skips_bad_rows
@@ -126,7 +127,7 @@ if distributed:
 use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
 autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # weights stay fp32 (the master copy)
 torch.manual_seed(args.seed)  # a config-built model's random init; nothing else draws random numbers
-locate(args.model)  # a model that cannot be found stops here
+model_sha256 = model_fingerprint(args.model, seed=args.seed)  # what the run starts from (one not found stops here)
 resume_from = checkpoint.prepare_out_dir(out_dir, args.resume, args.overwrite)  # one run per folder (deletes nothing)
 state = checkpoint.read_progress(resume_from) if resume_from else None  # memory-mapped, loaded below
 
@@ -137,9 +138,8 @@ def log(message):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# data: rank 0 loads and tokenizes first and caches the tokens; the other ranks then read them from the cache.
-# The eval pairs are held out: drawn at random from the test split (from a JSONL file: from its rows), the same pairs
-# for every run whatever its --seed, so that runs compare on them
+# data: rank 0 tokenizes first and caches the tokens, the other ranks read them. The eval pairs are held out (prompts
+# never trained on: sources.load_splits), the same pairs for every run whatever its --seed: runs compare on them
 tokenizer = load_tokenizer(args.model, log=log)
 with guards.rank_zero_first():  # bad data stops rank 0 with its message; the other ranks then exit quietly
     rows, eval_rows = load_splits(args.dataset, args.eval_pairs, skip_bad_rows=args.skip_bad_rows, log=log,
@@ -157,7 +157,7 @@ with guards.rank_zero_first():  # bad data stops rank 0 with its message; the ot
            "dtype": "bf16" if use_bf16 else "fp32"}  # as in force: what --dtype auto, --alpha, --tau chose here
     data_sha256 = fingerprint(train_set + eval_set)  # the pairs themselves: a resume must train and evaluate on them
     if state:  # a resume continues the same run, on the same pairs, or stops here, before any model loads
-        checkpoint.check_resume(state, run, p, data_sha256, resume_from)
+        checkpoint.check_resume(state, run, p, data_sha256, resume_from, model_sha256)
 if state and checkpoint.finished(out_dir, max_steps):  # --resume auto of a finished run: done
     log(f"{out_dir} is complete: step {state['step']} of {max_steps}; nothing to do")
     guards.finish()
@@ -347,7 +347,7 @@ def save():
     write_record()  # the steps since the last record: a resume from this checkpoint would never log them
     stop.saving = True  # a second Ctrl-C must not abort a half-written checkpoint
     progress = {"step": step, "ref_updates": ref_updates, "skipped_steps": skipped, "data_sha256": data_sha256,
-                "run": run, "wandb_id": metrics.wandb_id}
+                "model_sha256": model_sha256, "run": run, "wandb_id": metrics.wandb_id}
     final = checkpoint.save(out_dir, policy_raw, reference if rule else None, optimizer, tokenizer, progress,
                             args.fsdp, master)
     stop.saving = False
