@@ -63,8 +63,8 @@ class Metrics:
         if self.file:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
-        if self.wandb:
-            self.wandb.log(record, step=record["step"])
+        if self.wandb:  # numbers (a list, such as the reference updates applied, stays in metrics.jsonl)
+            self.wandb.log({k: v for k, v in record.items() if not isinstance(v, list)}, step=record["step"])
 
     def close(self):
         if self.file:
@@ -84,6 +84,17 @@ def logged_by(line, step):
 def completed(out_dir):
     """The complete checkpoints in out_dir, oldest first (a crash leaves only step_N.tmp, never a half step_N)."""
     return sorted(d for d in glob.glob(os.path.join(out_dir, "step_*")) if not d.endswith(".tmp"))
+
+
+def finished(out_dir, length=None):
+    """Whether the run in out_dir is finished: its latest complete checkpoint is at the run's last step (`length`, else
+    the run's length when that checkpoint was saved). Read from the checkpoint, never from an exit status: a run stopped
+    by a signal saves a checkpoint too (and exits STOPPED, guards.py), and continues with --resume."""
+    done = completed(out_dir)
+    if not done:
+        return False
+    state = read_progress(done[-1])
+    return state["step"] >= (length or state["run"].get("max_steps") or float("inf"))
 
 
 def check_deletion(doomed, inputs, allowed, refusal):
@@ -170,22 +181,29 @@ def clear_out_dir(out_dir, run, parser, master):
 def check_same_run(saved, current, parser, where):
     """--resume continues the run the checkpoint belongs to: every argument but MAY_CHANGE must be the checkpoint's,
     and the run's length (max_steps) too where a flag of `parser` (train.py's) says the run depends on it. A key an
-    older checkpoint lacks (a flag added since) counts as the parser's default."""
+    older checkpoint lacks (a flag added since) matches the parser's default, and None (a flag not in force: a vanilla
+    method records the rule's flags so): the run had no such flag, so it ran as either."""
     defaults = vars(parser.parse_args([]))
     tied = flags.length_dependent(parser, {**defaults, **saved})
     may_change = set(MAY_CHANGE) - (set(LENGTH) if tied else set())
     differences = [f"--{k} {saved.get(k, defaults.get(k))!r} in the checkpoint, {current[k]!r} now"
-                   for k in current if k not in may_change and saved.get(k, defaults.get(k)) != current[k]]
+                   for k in current if k not in may_change and (saved[k] != current[k] if k in saved else
+                                                                 current[k] not in (None, defaults.get(k)))]
     if differences:
         why = f" (the run depends on its length: {', '.join('--' + f for f in tied)})" if tied else ""
         raise UserError(f"{where} belongs to another run: " + "; ".join(differences) + why +
                         ". Resume with the same arguments, or start a fresh run in another --out_dir.")
 
 
-def check_resume(state, run, parser, data_sha256, where):
-    """The same run (its arguments), on the same pairs (a hash of their token ids: the data, its bad rows, the
-    held-out draw, the tokenizer and the lengths all show in it)."""
+def check_resume(state, run, parser, data_sha256, where, model_sha256=None):
+    """The same run (its arguments), from the same model (the fingerprint of its weights and tokenizer,
+    identity.model_fingerprint; a checkpoint saved before it was kept is not checked), on the same pairs (a hash of
+    their token ids: the data, its bad rows, the held-out draw, the tokenizer and the lengths all show in it)."""
     check_same_run(state["run"], run, parser, where)
+    if state.get("model_sha256", model_sha256) != model_sha256:
+        raise UserError(f"--model {run['model']} is not the model {where} started from: its weights or tokenizer "
+                        "changed since (written again under the same path?); resume with the model the run started "
+                        "from, or start a fresh run in another --out_dir")
     if state.get("data_sha256", data_sha256) != data_sha256:
         raise UserError(f"the training pairs differ from those {where} trained on (the data, its bad rows, "
                         "--eval_pairs, the tokenizer or the lengths changed); start a fresh run in another --out_dir")

@@ -15,15 +15,18 @@ max_new_tokens).
 Writes a table to stdout, one JSON per checkpoint, scored_rows.json (what was scored) and a PNG of quality against KL
 (one line per run): the paper's over-optimization plot.
 
-Held out means never trained on. A checkpoint's run (its state.pt, or out/RUN/args.json) says what it trained on:
-of a JSONL file, all but the prompts it held out, so exactly those rows are scored (split as train.py splits the
-file, and checked against the checkpoint's data hash: a file changed since is refused); of demo and the hub sets,
-the train split, so rows are drawn from the test split. Checkpoints of runs that hold out different rows are refused,
-and so is a baseline from a run on the same file with another split. A plain model has no run: a JSONL --prompts
-file is then drawn from whole. Prompts are cut as training cuts them, with the runs' --max_length and
---max_prompt_length (a plain model: 512 and 256), and the pairs are tokenized with them. The baseline is the model the
-runs started from (their --model); runs are named by the shortest ending of their paths that tells them apart; an
---out_dir holding an earlier call's files is refused unless --overwrite."""
+Held out means never trained on. A checkpoint's run (its state.pt, or out/RUN/args.json) says what it trained on: of
+a JSONL file, all but the prompts it held out, so exactly those rows are scored (split as train.py splits the file,
+and checked against the checkpoint's data hash: a file changed since is refused); of demo and the hub sets, the
+train split, so rows are drawn from the test split. Any other --prompts is drawn from whole, less the rows whose
+prompt (its conversation: identity.prompt_key) the runs trained on, counted. Checkpoints of runs that hold out
+different rows are refused, and so is a baseline from a run on the same file with another split. A plain model has
+no run: a JSONL --prompts file is then drawn from whole. Prompts are cut as training cuts them, with the runs'
+--max_length and --max_prompt_length (a plain model: 512 and 256), and the pairs are tokenized with them. The
+baseline is the model the runs started from (their --model), compared by a fingerprint of its weights and tokenizer
+(identity.py), and every checkpoint must render the prompts as its tokenizer does; runs are named by the shortest
+ending of their paths that tells them apart; an --out_dir holding an earlier call's files is refused unless
+--overwrite."""
 import argparse
 import filecmp
 import json
@@ -43,10 +46,12 @@ import checkpoint
 from data import REFUSED, collate, fingerprint, pad, render, shorten, to_device, tokenize, turn_end
 from flags import at_least, random_seed, text
 from guards import UserError, report_user_errors
+from identity import model_fingerprint, prompt_key
 from locate import locate, reading
+from losses import as_read, reduction
 from model import load_model, load_tokenizer, sequence_logps
-from ref_update import Rule
-from sources import DataError, held_out, load_splits, report, skips_bad_rows
+from plot import label as legend_label, read_run, reference_updates
+from sources import DataError, held_out, load_rows, load_splits, report, skips_bad_rows
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -260,7 +265,8 @@ def run_args(path):
         return None
     state = checkpoint.read_progress(folder) if os.path.exists(os.path.join(folder, "state.pt")) else {}
     if state.get("run"):
-        return {**state["run"], "data_sha256": state.get("data_sha256")}  # the hash of the pairs it trained on
+        return {**state["run"], "data_sha256": state.get("data_sha256"),  # the hash of the pairs it trained on
+                "model_sha256": state.get("model_sha256")}  # and the fingerprint of the model it started from
     args_file = os.path.join(os.path.dirname(folder), "args.json")
     return json.load(open(args_file)) if os.path.exists(args_file) else None
 
@@ -282,8 +288,19 @@ def describe(path, name, run):
     """Run name, method, alpha, tau, beta and step of a checkpoint; a plain model is its own run, method "base"."""
     match = re.search(r"step_(\d+)", os.path.normpath(path).removesuffix(os.sep + "policy"))
     run = run or {}
+    step = int(match.group(1)) if match else 0
     return {"run": name, "method": run.get("method", "base"), "alpha": run.get("alpha"), "tau": run.get("tau"),
-            "beta": run.get("beta"), "step": int(match.group(1)) if match else 0}
+            "beta": run.get("beta"), "step": step, "ref_updates": updates_recorded(path, step) if run else None}
+
+
+def updates_recorded(path, step):
+    """The reference updates a checkpoint's run recorded up to its step, [[step, weight], ...] from the run's
+    metrics.jsonl (plot.reference_updates), or None: a vanilla run, or no record beside the checkpoint."""
+    folder = os.path.dirname(os.path.normpath(path).removesuffix(os.sep + "policy"))
+    if not all(os.path.isfile(os.path.join(folder, f)) for f in ("args.json", "metrics.jsonl")):
+        return None
+    updates = reference_updates(read_run(folder)[1])
+    return None if updates is None else [[s, w] for s, w in updates if s <= step]
 
 
 def held_out_key(run):
@@ -328,26 +345,31 @@ def runs_data(paths, baseline, args):
     return data
 
 
-def located(name, flag):
-    """What a model argument reads, to tell two arguments for one model: out/sft/step_N and its policy/ alike."""
-    source = locate(name, flag)
-    return source.path if source.kind == "hub" else os.path.realpath(source.path)
-
-
 def starting_model(runs, baseline):
-    """The --baseline: by default the model the checkpoints' runs started from (their --model); another one is refused,
-    for KL to SFT and the win rate are against the model the runs started from."""
+    """The --baseline: by default the model the checkpoints' runs started from (their --model). Compared by content:
+    the fingerprint of its weights and tokenizer (identity.model_fingerprint) must be the one each run recorded when it
+    started (a run from before they were kept: its --model's now), for KL to SFT and the win rate are against the
+    model the runs started from. Another model, one written again since under the same path, and runs that started
+    from different models are refused."""
     starts = {run["model"] for run in runs.values() if run}
     if baseline is None and len(starts) != 1:
         raise UserError("pass --baseline, the model the checkpoints started from: " + (
             f"their runs started from different models ({', '.join(sorted(starts))})" if starts else
             "no checkpoint comes from a train.py run"))
-    if baseline is None:
-        return starts.pop()
-    if len(starts) == 1 and located(baseline, "--baseline") != located(start := starts.pop(), "the runs' --model"):
-        raise UserError(f"--baseline {baseline} is not the model the checkpoints' runs started from ({start}, their "
-                        "--model): KL to SFT and the win rate would be against another model. Leave --baseline out "
-                        "(it defaults to that model)")
+    baseline = baseline or starts.pop()
+    mine, now = model_fingerprint(baseline, "--baseline"), {}
+    for path, run in runs.items():
+        if not run:
+            continue
+        start = (run["model"], run.get("seed", 0))  # the seed: a config .json's random weights
+        if not run.get("model_sha256") and start not in now:  # a run from before fingerprints were kept
+            now[start] = model_fingerprint(run["model"], "the runs' --model", seed=start[1])
+        if (run.get("model_sha256") or now[start]) != mine:
+            raise UserError(f"--baseline {baseline} is not the model the checkpoints' runs started from "
+                            f"({run['model']}, their --model): {path}'s run started from other weights or another "
+                            "tokenizer (compared by content, whatever the paths), so KL to SFT and the win rate would "
+                            "be against another model. Pass the model it started from as it was then, and evaluate "
+                            "runs that started from different models separately")
     return baseline
 
 
@@ -402,8 +424,9 @@ def same_data(prompts, dataset):
 def rows_to_score(prompts, data, runs, args, log):
     """(rows to score, training rows): max(--n_prompts, --n_pairs) rows the runs never trained on. Of the runs' JSONL
     file, its held-out rows, split exactly as train.py splits it (data.load_splits); of demo and the hub sets, rows
-    drawn from the test split; of any other file, rows drawn from all of it (no run trained on it). The runs' file
-    must split as it did for them (check_data_hash)."""
+    drawn from the test split; of any other set, rows drawn from all of it; either way less the rows whose prompt
+    (identity.prompt_key) the runs trained on, counted. The runs' file must split as it did for them
+    (check_data_hash)."""
     n = max(args.n_prompts, args.n_pairs)
     # a run's paths are relative to the folder train.py ran in; without its file its held-out rows cannot be told
     run_file = data and prompts.endswith(".jsonl") and data["dataset"].endswith(".jsonl") and data["dataset"]
@@ -425,27 +448,41 @@ def rows_to_score(prompts, data, runs, args, log):
                 f"{n}: scoring those {len(held)}")
         return held[:n], train_rows
     if data and not same_data(prompts, data["dataset"]):
-        log(f"note: --prompts {prompts} is not the data set the runs trained on ({data['dataset']})")
+        log(f"note: --prompts {prompts} is not the data set the runs trained on ({data['dataset']}): its rows whose "
+            "prompt they trained on are left out")
     elif not data and prompts.endswith(".jsonl"):
         log(f"note: no checkpoint comes from a train.py run, so no row of {prompts} is known to be held out: drawing "
             "from all of them")
     data_dir = args.data_dir or (data["data_dir"] if data and prompts == data["dataset"] else None)
-    return held_out(prompts, n, skip_bad_rows=True, log=log, data_dir=data_dir), []
+    train_rows = trained_rows(data) if data else []
+    trained = {prompt_key(r["prompt"]) for r in train_rows}  # left out of the draw, and counted: the same prompt
+    return held_out(prompts, n, skip_bad_rows=True, log=log, data_dir=data_dir, trained=trained), train_rows
+
+
+def trained_rows(data):
+    """The rows the runs trained on: of a JSONL file, all but those they held out (split as train.py splits it); of
+    demo and the hub sets, the train split."""
+    quiet = lambda message: None  # noqa: E731
+    if data["dataset"].endswith(".jsonl"):
+        return load_splits(data["dataset"], data["eval_pairs"], skip_bad_rows=data["skip_bad_rows"], log=quiet)[0]
+    return load_rows(data["dataset"], "train", data["skip_bad_rows"], quiet, data["data_dir"])
 
 
 def prompts_to_sample(prompts_set, test_rows, train_rows, log):
     """(prompts, gold tasks or None): the demo's tasks (held out from training, with their gold answers), or each
-    distinct prompt of the rows to score, except a prompt that training also saw (in a row with other answers)."""
+    distinct prompt of the rows to score; either way except a prompt that training also saw (identity.prompt_key: the
+    same conversation, written as text or as messages; in a row with other answers)."""
+    trained = {prompt_key(r["prompt"]) for r in train_rows}
     if prompts_set == "demo":
         tasks = [json.loads(line) for line in open(os.path.join(HERE, "demo", "prompts_eval.jsonl"))]
-        return [t["prompt"] for t in tasks], tasks
-    trained = {json.dumps(r["prompt"]) for r in train_rows}
-    unique = {json.dumps(r["prompt"]): r["prompt"] for r in test_rows}
-    prompts = [p for key, p in unique.items() if key not in trained]
-    if len(prompts) < len(unique):
-        log(f"note: {len(unique) - len(prompts)} held-out prompt(s) also appear in training rows (with other answers): "
+        unique = {prompt_key(t["prompt"]): t for t in tasks}
+    else:
+        unique, tasks = {prompt_key(r["prompt"]): {"prompt": r["prompt"]} for r in test_rows}, None
+    kept = [t for key, t in unique.items() if key not in trained]
+    if len(kept) < len(unique):
+        log(f"note: {len(unique) - len(kept)} held-out prompt(s) also appear in training rows (with other answers): "
             "left out")
-    return prompts, None
+    return [t["prompt"] for t in kept], tasks and kept
 
 
 def render_prompts(tokenizer, prompts, log=print):
@@ -463,6 +500,22 @@ def render_prompts(tokenizer, prompts, log=print):
     if not kept:
         raise DataError(f"{tokenizer.name_or_path}: its chat template refuses every prompt; see the count above")
     return kept, ids
+
+
+def check_renderings(paths, prompts, prompt_ids):
+    """Every checkpoint samples from the prompts as the baseline's tokenizer and chat template render them: one whose
+    own renders them otherwise (another family, a plain model without the template) would be asked in a format it
+    never saw, against another family's model, and is refused."""
+    for path in paths:
+        tokenizer = load_tokenizer(path, log=lambda m: None, flag="checkpoint")
+        try:
+            same = all(render(tokenizer, p) == ids for p, ids in zip(prompts, prompt_ids))
+        except TemplateError:
+            same = False
+        if not same:
+            raise UserError(f"{path} renders the prompts otherwise than the --baseline (another tokenizer or chat "
+                            "template): its samples would answer prompts in a format it never saw. Evaluate it "
+                            "separately, against the model its own run started from")
 
 
 def fit_prompts(tokenizer, prompts, max_length, max_prompt_length, max_new_tokens):
@@ -485,16 +538,21 @@ def fit_prompts(tokenizer, prompts, max_length, max_prompt_length, max_new_token
 
 
 def pair_logps(model, pair_batches):
-    """(chosen, rejected) log-probs of the held-out pairs, batch by batch."""
+    """Summed log-probs of the held-out pairs (chosen rows, then rejected), batch by batch."""
     with torch.no_grad():
-        return [sequence_logps(model, batch).chunk(2) for batch in pair_batches]
+        return [sequence_logps(model, batch) for batch in pair_batches]
 
 
-def reward_accuracy(policy_pairs, sft_pairs):
+def reward_accuracy(policy_logps, sft_logps, pair_batches, reduction):
     """The implicit-reward accuracy on held-out pairs, the SFT model as the reference: the share of pairs whose chosen
-    completion gained more log-prob than the rejected one. A tie (every pair's, when the policy is the SFT model)
-    counts one half, as in the win rate: no better than chance, not always wrong."""
-    margins = torch.cat([(pc - sc) - (pr - sr) for (pc, pr), (sc, sr) in zip(policy_pairs, sft_pairs)]).double()
+    completion gained more log-prob than the rejected one, log-probs read as the run's loss reads them (`reduction`,
+    losses.reduction: sums, or per-token means). A tie (every pair's, when the policy is the SFT model) counts one
+    half, as in the win rate: no better than chance, not always wrong."""
+    margins = []
+    for pol, sft, batch in zip(policy_logps, sft_logps, pair_batches):
+        (pc, pr), (sc, sr) = (as_read(x, batch["loss_mask"], reduction).chunk(2) for x in (pol, sft))
+        margins.append((pc - sc) - (pr - sr))
+    margins = torch.cat(margins).double()
     return ((margins > 0).double() + 0.5 * (margins == 0).double()).mean().item()
 
 
@@ -524,7 +582,8 @@ def evaluate(path, name, run, baseline, sft_model, prompts, prompt_ids, pair_bat
         result["criteria"] = criteria_means(extra, enumerate(texts))
         result["baseline_criteria"] = criteria_means(extra, enumerate(baseline))
     if pair_batches:
-        result["reward_accuracy"] = reward_accuracy(pair_logps(model, pair_batches), sft_pair_logps)
+        result["reward_accuracy"] = reward_accuracy(pair_logps(model, pair_batches), sft_pair_logps, pair_batches,
+                                                    reduction(run or {}))
     result["samples"] = [{"prompt": prompt_text(p), "completion": t, "baseline": b}
                          for p, t, b in zip(prompts[:20], texts[:20], baseline[:20])]
     return result
@@ -541,8 +600,7 @@ def plot(results, path, quality):
         runs.setdefault(r["run"], []).append(r)
     for run, points in sorted(runs.items()):
         points.sort(key=lambda r: r["step"])
-        rule = Rule.of_run(points[0])  # the run's rule, said as plot.py says it
-        label = f"{run} ({points[0]['method']}{f', {rule.label}' if rule else ''})"
+        label = legend_label(run, points[-1]["method"], points[-1].get("ref_updates"), points[-1]["step"])
         ax.plot([r["kl_seq"] for r in points], [r[quality] for r in points], "o-", label=label)
     ax.set_xlabel("KL(pi || pi_SFT), nats per sequence (policy samples)")
     ax.set_ylabel({"gold_score": "gold score of samples", "win_rate": "win rate vs baseline"}[quality])
@@ -638,6 +696,7 @@ def main():
     prompts, prompt_ids = [fitted[i][0] for i in kept], [fitted[i][1] for i in kept]
     if not prompts:
         raise UserError(f"no prompt of {prompts_set} is left to sample (see the notes above)")
+    check_renderings(args.checkpoints, prompts, prompt_ids)
     if args.judge == "gold":  # each kept prompt's task: the tasks hold the very prompt objects
         task_of = {id(t["prompt"]): t for t in tasks}
         judge = gold_judge([task_of[id(originals[i])] for i in kept])

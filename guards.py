@@ -6,7 +6,8 @@ piece once, by name.
 - A user's mistake is one sentence: every entry point calls `report_user_errors()`, and a UserError that reaches
   the top prints as `error: <message>` on stderr, on a line of its own (after any progress bar), exit status 1.
   Any other exception keeps its traceback: that is a bug.
-- Stop signals (`StopSignals`): SIGTERM or Ctrl-C finishes the current optimizer step, saves and exits 0.
+- Stop signals (`StopSignals`): SIGTERM or Ctrl-C finishes the current optimizer step, saves and exits STOPPED (75,
+  sysexits' EX_TEMPFAIL: stopped early, resumable; a run that reached its last step exits 0).
 - Non-finite steps (`check_finite`): never applied; the run stops with the rows that produced them, or skips them.
 - Replicas (`check_replicas`): DDP ranks must end bit-identical.
 - Rank 0 first (`rank_zero_first`): what rank 0 does before the others (loading the data, checking it) fails on
@@ -53,7 +54,7 @@ def check_flags(parser, args, method):
     """train.py's flag values that no run can use together, each refused by argparse with the flags' names (status 2).
     Each flag's own domain is declared beside it (flags.py) and argparse has checked it already."""
     from losses import METHODS
-    for other, (_, _, flags) in METHODS.items():  # a loss's own option given to another method
+    for other, (*_, flags) in METHODS.items():  # a loss's own option given to another method
         for name, (default, _, _) in flags.items():
             if other != method and getattr(args, name) != default:
                 parser.error(f"--{name} is an option of --method {other} and tr_{other}, not of {args.method}")
@@ -68,9 +69,12 @@ def check_flags(parser, args, method):
         parser.error(f"--max_prompt_length {args.max_prompt_length} must be less than --max_length {args.max_length}")
 
 
+STOPPED = 75  # the exit status of a run stopped by a signal before its last step: continue it with --resume
+
+
 class StopSignals:
     """SIGTERM (a scheduler's `scancel`, a preemption) or SIGINT (Ctrl-C) asks the run to stop after the current
-    optimizer step, save, and exit 0. Under plain `python` a second Ctrl-C stops at once, unless a checkpoint is being
+    optimizer step, save, and exit STOPPED. Under plain `python` a second Ctrl-C stops at once, unless a checkpoint is being
     written. Under torchrun a second signal never stops a worker: Ctrl-C in a terminal reaches every process of the
     group, and torchrun forwards the same signal again, so each worker gets two at once. torchrun itself kills its
     workers `--shutdown-timeout` seconds (default 30) after it got the signal, and exits 1 (see DESIGN.md)."""

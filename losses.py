@@ -1,8 +1,10 @@
 """The preference losses, each a pure function of per-sequence log-probs.
 
 Convention: a "logps" tensor has shape (B,) and holds log pi(y|x) = sum over the completion tokens of
-log pi(y_t | x, y_<t); prompt tokens never count. `train.py --ipo_average` divides by the completion length
-instead (TRL's IPO); everything else sums, as the original DPO code and the TR paper authors' library do.
+log pi(y_t | x, y_<t); prompt tokens never count. Each method declares in METHODS whether its loss reads these sums
+(as the original DPO code and the TR paper authors' library do) or their per-token "mean" (divided by the completion
+length); IPO reads the mean with `train.py --ipo_average` (TRL's IPO). `reduction(run)` says which a run used: train.py's
+training and held-out metrics and evaluate.py's reward accuracy all ask it.
 
 In TR-DPO / TR-IPO / TR-KTO the losses are exactly these; only the reference that produced `ref_*` moves
 (see ref_update.py).
@@ -56,15 +58,31 @@ def kto_loss(policy_logps, ref_logps, desirable, kl, beta, kto_lambda_d=1.0, kto
 
 
 # --method: each loss, whether it trains on pairs (called with the four log-prob tensors of B pairs) or on unpaired
-# examples (KTO: chosen desirable, rejected undesirable, and the KL estimate), and its own flags, {name: (default,
-# domain, help)}: train.py offers each as --name for this method (and its TR form), refusing values outside its domain
-# (flags.py), and passes it to the loss by name.
+# examples (KTO: chosen desirable, rejected undesirable, and the KL estimate), how it reduces each sequence's token
+# log-probs ("sum", or per-token "mean"), and its own flags, {name: (default, domain, help)}: train.py offers each as
+# --name for this method (and its TR form), refusing values outside its domain (flags.py), and passes it to the loss
+# by name.
 METHODS = {
-    "dpo": (dpo_loss, "paired", {"label_smoothing": (0.0, in_range(0.0, 0.5, high_open=True), "conservative DPO "
-                                 "(Mitchell 2023): the probability eps, in [0, 0.5), that a pair's preference is "
-                                 "flipped; 0 = plain DPO")}),
-    "ipo": (ipo_loss, "paired", {}),
-    "kto": (kto_loss, "unpaired", {"kto_lambda_d": (1.0, at_least(0.0), "KTO weight of desirable (chosen) examples"),
-                                   "kto_lambda_u": (1.0, at_least(0.0), "KTO weight of undesirable (rejected) "
-                                                    "examples")}),
+    "dpo": (dpo_loss, "paired", "sum", {"label_smoothing": (0.0, in_range(0.0, 0.5, high_open=True), "conservative "
+                                        "DPO (Mitchell 2023): the probability eps, in [0, 0.5), that a pair's "
+                                        "preference is flipped; 0 = plain DPO")}),
+    "ipo": (ipo_loss, "paired", "sum", {}),  # the mean with --ipo_average (reduction)
+    "kto": (kto_loss, "unpaired", "sum", {"kto_lambda_d": (1.0, at_least(0.0), "KTO weight of desirable (chosen) "
+                                                           "examples"),
+                                          "kto_lambda_u": (1.0, at_least(0.0), "KTO weight of undesirable "
+                                                           "(rejected) examples")}),
 }
+
+
+def reduction(run):
+    """How a run's loss reads each sequence's log-probs: "sum" or per-token "mean" (its method's METHODS entry; IPO
+    with --ipo_average: the mean). `run`: train.py's arguments as a dict (args.json, a checkpoint's "run"); SFT and a
+    plain model ({}) sum."""
+    method = run.get("method", "sft").removeprefix("tr_")
+    return "mean" if run.get("ipo_average") else METHODS[method][2] if method in METHODS else "sum"
+
+
+def as_read(logps, loss_mask, reduction):
+    """Summed log-probs (B,) as a loss of `reduction` reads them: the sums, or per completion token (loss_mask
+    (B, T): 1 on completion tokens)."""
+    return logps / loss_mask.sum(-1) if reduction == "mean" else logps

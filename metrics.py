@@ -5,7 +5,8 @@ it, and tests/test_plot.py runs every method on a tiny model and checks that the
 Names are TRL's where TRL has one. A training metric is the mean over the pairs of all ranks and the steps since the
 previous log line; eval/* and drift/* repeat the latest evaluation on the held-out pairs (--eval_interval; none with
 --eval_pairs 0), made after step eval/step, before that step's reference update. Log-probs are summed over completion
-tokens, in nats; rewards and margins are on training's scale (per-token means under --ipo_average).
+tokens, in nats; rewards and margins are on training's scale (per-token means where the method's loss reads them,
+losses.reduction: IPO with --ipo_average).
 """
 
 HELD_OUT_ACCURACY = "held-out reward accuracy: against the reference, against SFT"
@@ -26,7 +27,9 @@ METRICS = {
     "grad_norm": ("the gradient's norm before clipping to --max_grad_norm", None, None),
     "lr": ("the learning rate of the line's step", None, None),
     "tokens_per_s": ("tokens trained on per second (padding excluded, all ranks, evaluations not timed)", None, None),
-    "ref_updates": ("reference updates so far (plot.py marks each from the run's rule)", None, None),
+    "ref_updates": ("reference updates so far", None, None),
+    "ref_updates/applied": ("the reference updates applied since the previous record, [[step, weight], ...] (a TR run's, "
+                            "where it moved): what plot.py marks and evaluate.py names", None, None),
     "skipped_steps": ("non-finite steps skipped so far (--skip_nonfinite)", None, None),
     "epoch": ("the epoch the step's batch came from, from 0", None, None),
     "eval/step": ("the step of the evaluation that the eval/* and drift/* keys repeat (0: before training)", None,

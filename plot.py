@@ -5,12 +5,12 @@
 
 The panels are those metrics.py declares, each in a cell of its own, against the optimizer step, one colour per run;
 held-out metrics at the steps they were measured (--eval_interval). Dotted vertical lines mark the reference updates
-of runs that update every tau > 1 steps; a soft update every step would mark every step, so the legend says it
-instead. After a hard copy the reference is the policy: the next batches start at margin 0 and loss log 2, hence the
-saw-tooth.
+each run recorded (metrics.jsonl's ref_updates/applied: what happened, whatever the rule); an update after every step
+would mark every step, so the legend says it instead. After a hard copy the reference is the policy: the next
+batches start at margin 0 and loss log 2, hence the saw-tooth.
 
 The reference's own drift from the SFT model (drift/reference_*, the centre of the trust region) is constant between
-updates, so where the reference moves every tau > 1 steps it is drawn as a step function that jumps at each update,
+updates, so unless the reference moved after every step it is drawn as a step function that jumps at each update,
 its value read from an evaluation made while that reference was in force (none: a gap). A line through the
 evaluations would draw a copy at step 16 as a slope from step 0 to 20. Under a soft update every step it glides: a
 line.
@@ -32,7 +32,7 @@ import os
 from flags import text
 from guards import UserError, report_user_errors
 from metrics import METRICS
-from ref_update import Rule
+from ref_update import recorded
 
 FIGURE_TYPES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".webp", ".eps", ".ps", ".tif", ".tiff")  # by matplotlib
 
@@ -73,18 +73,24 @@ def read_run(folder):
     return args, [by_step[s] for s in sorted(by_step)]
 
 
-def reference_updates(args, last_step):
-    """The steps after which the reference moved, by the run's rule (ref_update.Rule); [] for vanilla methods and
-    for a soft update every step (tau 1), where every step would be one."""
-    rule = Rule.of_run(args)
-    if rule is None or rule.alpha == 0 or rule.tau == 1:
-        return []
-    return [s for s in range(1, last_step + 1) if rule.due(s)]
+def reference_updates(records):
+    """[(step, weight)]: the reference updates the run applied, as it recorded them (metrics.jsonl's
+    ref_updates/applied, in every record of a TR run), never re-derived from its rule's flags; those that moved it
+    (weight > 0). None where nothing was recorded: a vanilla run, or one logged before the record existed."""
+    if not any("ref_updates/applied" in r for r in records):
+        return None
+    return [(s, w) for r in records for s, w in r.get("ref_updates/applied", []) if w > 0]
 
 
-def label(folder, args):
-    rule = Rule.of_run(args)
-    return f"{os.path.basename(os.path.normpath(folder))} ({args['method']}{f', {rule.label}' if rule else ''})"
+def every_step(updates, last_step):
+    """Whether the reference moved after every step: a mark at each would fill the panel, so the legend says it."""
+    return len(updates or []) == last_step > 0
+
+
+def label(name, method, updates, last_step):
+    """A run's name in a legend (plot.py's, evaluate.py's): its name, its method, and the reference updates it
+    recorded up to `last_step` (reference_updates; None: nothing recorded)."""
+    return f"{name} ({method}{'' if updates is None else ', ' + recorded(updates, last_step)})"
 
 
 def panels():
@@ -106,17 +112,17 @@ def measured(key, records):
     return [(s, math.nan if is_tie(key, r) else r[key]) for s, r in points]
 
 
-def series(key, records, args):
-    """(x, y): the line of one metric of one run, with a gap at each tie. The reference's drift, where its rule moves
-    it every tau > 1 steps, is a step function: constant from one update to the next, a vertical jump at each, its
-    value from an evaluation while it was in force (none: a gap)."""
+def series(key, records):
+    """(x, y): the line of one metric of one run, with a gap at each tie. The reference's drift, unless the run
+    recorded an update after every step, is a step function: constant from one update to the next, a vertical jump at
+    each, its value from an evaluation while it was in force (none: a gap)."""
     points = measured(key, records)
-    rule = Rule.of_run(args)
-    if not key.startswith("drift/reference") or not points or (rule and rule.tau == 1):
+    last = max(records[-1]["step"], points[-1][0]) if points else 0
+    moved = reference_updates(records)
+    if not key.startswith("drift/reference") or not points or every_step(moved, records[-1]["step"]):
         return [s for s, _ in points], [v for _, v in points]
     # the evaluation after step s measured the reference step s trained with: the one after the updates before s
-    last = max(records[-1]["step"], points[-1][0])
-    updates = [u for u in reference_updates(args, last) if u < last]
+    updates = [s for s, _ in moved or [] if s < last]
     bounds = [0, *updates, last]  # reference k is in force from bounds[k] to bounds[k + 1]
     value = {sum(u < s for u in updates): v for s, v in points}
     x, y = [], []
@@ -171,20 +177,21 @@ def figure(folders):
             ax.legend(fontsize=7)
     for i, folder in enumerate(folders):
         args, records = read_run(folder)
-        color = f"C{i}"
+        color, updates = f"C{i}", reference_updates(records)
         for ax, lines in zip(axes, drawn.values()):
             for key, line in lines:
                 look = style(key)
-                ax.plot(*series(key, records, args), line, color=color, linewidth=look["linewidth"])
+                ax.plot(*series(key, records), line, color=color, linewidth=look["linewidth"])
                 points = measured(key, records)
                 marked = points if look["marker"] else lone(points)  # each evaluation; or a point no line reaches
                 ax.plot([s for s, _ in marked], [v for _, v in marked], look["marker"] or "o", color=color,
                         markersize=look["markersize"])
                 ties = [s for s, v in points if math.isnan(v)]
                 ax.plot(ties, [0.5] * len(ties), "o", markersize=7, markerfacecolor="white", markeredgecolor=color)
-            for s in reference_updates(args, records[-1]["step"]):
+            for s, _ in [] if every_step(updates, records[-1]["step"]) else updates or []:
                 ax.axvline(s, color=color, linestyle=":", linewidth=0.8)
-        legend.plot([], [], color=color, label=label(folder, args))
+        legend.plot([], [], color=color, label=label(os.path.basename(os.path.normpath(folder)), args["method"],
+                                                  updates, records[-1]["step"]))
     legend.plot([], [], "k:", linewidth=0.8, label="reference update")
     legend.plot([], [], "o", color="k", markerfacecolor="white", markersize=7,
                 label="a tie: every margin exactly 0 (policy = reference),\n"
@@ -209,7 +216,7 @@ def quality_vs_kl(results, out):
         base = runs.pop("baseline", [])
         for i, (run, points) in enumerate(sorted(runs.items())):
             points.sort(key=lambda r: r["step"])
-            name = label(run, points[0])  # a row holds its run's method, alpha and tau, as args.json does
+            name = label(run, points[-1]["method"], points[-1].get("ref_updates"), points[-1]["step"])
             points = base + points  # every run starts at the baseline: KL 0, win rate 1/2
             ax.errorbar([r["kl_seq"] for r in points], [r["win_rate"] for r in points],
                         yerr=[r.get("win_rate_se") or 0 for r in points], fmt="o-", color=f"C{i}", capsize=3,

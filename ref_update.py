@@ -47,8 +47,10 @@ def update_reference(reference, policy, alpha):
 
 @dataclass(frozen=True)
 class Rule:
-    """A TR run's rule: its flags, when the reference moves, with what weight, and how to say it. train.py, plot.py
-    and evaluate.py all read it from here; a new rule (say, alpha decaying over the run) is a change to this class."""
+    """A TR run's rule: its flags, when the reference moves, with what weight, and how to say it. train.py reads it
+    from here and `apply` records each update it made in the run's log, where plot.py and evaluate.py read what
+    happened; a new rule (say, alpha decaying over the run, or a copy when a measured drift passes a threshold) is a
+    change to this class, plus the declaration in metrics.py of any measurement it logs."""
     alpha: float  # the policy's weight in each update
     tau: int  # the period, in optimizer steps
     horizon: int = None  # the run's length in optimizer steps, once known (train.py: after the data is read)
@@ -109,9 +111,29 @@ class Rule:
     def due(self, step):
         return should_update(step, self.tau)
 
+    def apply(self, step, reference, policy, record, log):
+        """After optimizer step `step`: the update where it is due, and what the run records of it, [step, weight]
+        appended to record["ref_updates/applied"] (train.py's next log record: plot.py and evaluate.py read the
+        updates there, never from the rule). A rule that depends on a measurement of the step takes it from the models
+        given here and writes it into `record` under a key metrics.py declares. Returns the updates applied, 0 or 1."""
+        applied = record.setdefault("ref_updates/applied", [])  # [] where none was due: recorded as none
+        if not self.due(step):
+            return 0
+        update_reference(reference, policy, self.weight(step))
+        applied.append([step, self.weight(step)])
+        if not self.every_step:  # (every step: the log lines' ref_updates count them)
+            log(f"step {step}: reference updated: " +
+                ("a copy of the policy" if not self.mixes else f"alpha {self.weight(step):g}"))
+        return 1
+
     def weight(self, step):
         """alpha at optimizer step `step`: the same at every step."""
         return self.alpha
+
+    @property
+    def every_step(self):
+        """Whether the rule moves the reference after every step (the soft update's reading)."""
+        return self.tau == 1
 
     @property
     def mixes(self):
@@ -126,16 +148,29 @@ class Rule:
             return False, f"{self.horizon} steps < tau {self.tau}"
         return True, ""
 
-    @property
-    def label(self):
-        """The rule in a few words, for a run's name in plot.py's and evaluate.py's legends."""
-        return (f"soft, alpha {self.alpha:g} every step" if self.tau == 1 and self.mixes else
-                f"hard copy every {self.tau}" if not self.mixes else f"alpha {self.alpha:g} every {self.tau}")
-
     def __str__(self):
-        every = "every step" if self.tau == 1 else f"every {self.tau} steps"
+        """The rule in a line, for train.py's start-up line (what happened is the run's record: `recorded`)."""
+        every = "every step" if self.every_step else f"every {self.tau} steps"
         if not self.mixes:
             return f"hard update: reference <- policy {every}"
-        lag = f" (lags the policy by {(1 - self.alpha) / self.alpha:.3g} steps)" if self.tau == 1 and self.alpha else ""
-        return (f"{'soft update every step: ' if self.tau == 1 else ''}reference <- {self.alpha:g} policy + "
-                f"{1 - self.alpha:g} reference{'' if self.tau == 1 else ' ' + every}{lag}")
+        lag = (f" (lags the policy by {(1 - self.alpha) / self.alpha:.3g} steps)" if self.every_step and self.alpha
+               else "")
+        return (f"{'soft update every step: ' if self.every_step else ''}reference <- {self.alpha:g} policy + "
+                f"{1 - self.alpha:g} reference{'' if self.every_step else ' ' + every}{lag}")
+
+
+def recorded(updates, steps):
+    """The reference updates a run recorded ([step, weight] each, as Rule.apply writes them) over its first `steps`
+    steps, in a few words, for a run's name in plot.py's and evaluate.py's legends."""
+    moved = [(s, w) for s, w in updates if w > 0 and s <= steps]  # alpha 0 applies an update that moves nothing
+    if not moved:
+        return "the reference never moved"
+    weights = sorted({w for _, w in moved})
+    gaps = {b - a for a, b in zip([0] + [s for s, _ in moved], [s for s, _ in moved])}
+    what = ("copy" if weights == [1] else f"alpha {weights[0]:g}" if len(weights) == 1 else
+            f"alpha {weights[0]:g}-{weights[-1]:g}")
+    if len(moved) == steps:  # after every step
+        return f"{what} every step" if weights == [1] else f"soft, {what} every step"
+    if len(gaps) == 1:
+        return f"hard copy every {gaps.pop()}" if weights == [1] else f"{what} every {gaps.pop()}"
+    return f"{len(moved)} updates ({what})"

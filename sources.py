@@ -19,6 +19,7 @@ import os
 import torch
 
 from guards import UserError
+from identity import prompt_key
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO = {"train": os.path.join(HERE, "demo", "train.jsonl"), "test": os.path.join(HERE, "demo", "eval.jsonl")}
@@ -238,50 +239,60 @@ def shuffled(n, seed):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def held_out(name, n, seed=0, skip_bad_rows=False, log=print, data_dir=None):
+def held_out(name, n, seed=0, skip_bad_rows=False, log=print, data_dir=None, trained=frozenset()):
     """n pairs drawn at random from the test split (of a file: from all its rows), in the order drawn. The draw depends
     on the seed alone, so every rank and every run holding the same seed gets the same pairs. Only the drawn rows are
-    checked; a bad one (skipped and counted where skips_bad_rows) is replaced by the next draw."""
+    checked; a bad one (skipped and counted where skips_bad_rows) is replaced by the next draw, and so is one whose
+    prompt (identity.prompt_key) is in `trained`, the prompts trained on (counted and said)."""
     if n <= 0:
         return []
     source, table, parse = split_rows(name, "test", data_dir)
-    rows, problems = [], []
+    rows, problems, seen = [], [], 0
     for i in shuffled(len(table), seed):
         where, raw = parse(i, table[i])
         try:
-            rows.append({**normalize(raw), "where": where})
+            row = {**normalize(raw), "where": where}
         except BadRow as e:
             if not skips_bad_rows(name, skip_bad_rows):
                 raise DataError(f"{where}: {e}\nfix it, or pass --skip_bad_rows to leave such rows out")
             problems.append((where, str(e)))
+            continue
+        seen += 1
+        if prompt_key(row["prompt"]) not in trained:
+            rows.append(row)
         if len(rows) == n:
             break
     log(f"held out {len(rows)} pairs drawn at random (seed {seed}) from {source} ({len(table)} rows)"
-        + (f"; skipped {report(problems, f'the {len(rows) + len(problems)} drawn', 3)}" if problems else ""))
+        + (f"; left out {seen - len(rows)} of the {seen} good rows drawn: their prompt is trained on"
+           if seen > len(rows) else "")
+        + (f"; skipped {report(problems, f'the {seen + len(problems)} drawn', 3)}" if problems else ""))
     if not rows:
         raise DataError(f"{source}: no usable rows")
     return rows
 
 
 def prompt_groups(rows):
-    """The rows' indices grouped by prompt, in the order of each prompt's first row: the pairs of one prompt (several
-    samples of a policy, UltraFeedback's "all pairs", a ranking, duplicates) are held out, or trained on, together."""
+    """The rows' indices grouped by prompt (its conversation, identity.prompt_key: as text or as one message alike),
+    in the order of each prompt's first row: the pairs of one prompt (several samples of a policy, UltraFeedback's
+    "all pairs", a ranking, duplicates) are held out, or trained on, together."""
     groups = {}
     for i, row in enumerate(rows):
-        groups.setdefault(json.dumps(row["prompt"]), []).append(i)
+        groups.setdefault(prompt_key(row["prompt"]), []).append(i)  # the conversation, however it is written
     return list(groups.values())
 
 
 def load_splits(name, eval_pairs, seed=0, skip_bad_rows=False, log=print, data_dir=None):
     """(training rows, held-out rows). demo and the hub sets: the train split, and eval_pairs pairs drawn at random
-    from the test split (held_out). A JSONL file has no test split: whole prompts, drawn at random, are held out with
-    all their pairs until eval_pairs rows are (one pair per prompt: eval_pairs rows), and the others train, so that no
-    held-out prompt is trained on. eval_pairs = 0 holds out nothing."""
+    from the test split (held_out), less those whose prompt the train split holds too (counted). A JSONL file has no
+    test split: whole prompts, drawn at random, are held out with all their pairs until eval_pairs rows are (one pair
+    per prompt: eval_pairs rows), and the others train, so that no held-out prompt is trained on. eval_pairs = 0 holds
+    out nothing."""
     if eval_pairs < 0:
         raise DataError(f"--eval_pairs {eval_pairs} must be 0 (no held-out pairs) or more")
     rows = load_rows(name, "train", skip_bad_rows, log, data_dir)
     if not name.endswith(".jsonl"):
-        return rows, held_out(name, eval_pairs, seed, skip_bad_rows, log, data_dir)
+        trained = {prompt_key(r["prompt"]) for r in rows}  # a test row may repeat a training prompt: left out, counted
+        return rows, held_out(name, eval_pairs, seed, skip_bad_rows, log, data_dir, trained)
     groups, held, prompts = prompt_groups(rows), [], 0
     for g in shuffled(len(groups), seed):  # one pair per prompt: the rows drawn as if drawn one by one
         if len(held) >= eval_pairs:

@@ -29,9 +29,10 @@ import subprocess
 import sys
 import time
 
-from checkpoint import check_deletion, completed
+from checkpoint import check_deletion, completed, finished
 from flags import random_seed, text
-from guards import UserError, report_user_errors
+from guards import STOPPED, UserError, report_user_errors
+from identity import configuration, configuration_name as name
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = ["--method dpo", "--method tr_dpo --tau 16", "--method tr_dpo --alpha 0.1"]  # RESULTS.md's three
@@ -40,11 +41,17 @@ EVALUATE = "--baseline smollm2-135m-instruct --n_prompts 250 --max_new_tokens 48
 QUANTITIES = [("gold", "gold"), ("win_rate", "win rate"), ("kl", "KL seq"), ("mean_length", "length")]
 
 
-def name(config):
-    """A configuration's folder name from its flags: "--method tr_dpo --tau 16" -> "tr_dpo-tau16"."""
-    words = shlex.split(config)
-    pairs = dict(zip(words[::2], words[1::2]))
-    return "-".join([pairs.pop("--method", "tr_dpo")] + [k.lstrip("-") + v for k, v in pairs.items()])
+def recorded(result, config):
+    """Whether `result` (results/study/NAME-seedS.json) holds this configuration's results: it exists, and the
+    configuration it records parses as this one (identity.configuration); one that a name stands for alike is
+    refused, never taken for this one."""
+    if not os.path.exists(result):
+        return False
+    recorded = json.load(open(result))["config"]
+    if configuration(recorded) != configuration(config):
+        raise UserError(f"{result} holds the results of configuration {recorded!r}, not of {config!r}, which has the "
+                        "same name: move that file away, or give this configuration's flags otherwise")
+    return True
 
 
 def call(command):
@@ -52,8 +59,8 @@ def call(command):
     print("$ " + shlex.join(command), flush=True)
     status = subprocess.run(command).returncode
     if status != 0:
-        raise UserError(f"this command failed (exit {status}); fix what it says and run the study again: finished runs "
-                        "are kept, this one continues")
+        raise UserError(f"this command {'was stopped' if status == STOPPED else 'failed'} (exit {status}); fix what it "
+                        "says and run the study again: finished runs are kept, this one continues")
 
 
 def run_inputs(config, args):
@@ -68,6 +75,9 @@ def run(config, seed, args, result):
     started = time.time()
     call([*shlex.split(args.launcher), os.path.join(HERE, "train.py"), *shlex.split(args.train), *shlex.split(config),
           "--seed", str(seed), "--out_dir", out_dir, "--resume", "auto"])  # stopped mid-run: continue it
+    if not finished(out_dir):  # read from its checkpoints, not from the exit status a launcher passed on
+        raise UserError(f"the training in {out_dir} stopped before its last step (a signal?): nothing is recorded; run "
+                        "the study again to continue it")
     trained = time.time()
     checkpoints = completed(out_dir)
     eval_dir = out_dir + "-eval"
@@ -110,12 +120,39 @@ def aggregate(records):
 
 
 def at_kl(curve, kl):
-    """A curve's quality at `kl`, linear between its points [(kl, quality), ...]; None outside them (no guess)."""
-    curve = sorted(curve)
-    for (k0, q0), (k1, q1) in zip(curve, curve[1:]):
-        if k0 <= kl <= k1:
-            return q0 + (q1 - q0) * (kl - k0) / (k1 - k0) if k1 > k0 else (q0 + q1) / 2
-    return None
+    """A curve's quality at `kl`, linear between consecutive points [(kl, quality), ...] in step order (the SFT model
+    at KL 0, then the checkpoints by step); None where it never reaches `kl` (no guess). A curve that turns back crosses
+    a KL more than once: the mean over its crossings, each point of the curve at that KL once."""
+    crossings = {}
+    for i, ((k0, q0), (k1, q1)) in enumerate(zip(curve, curve[1:])):
+        for point, (k, q) in ((i, (k0, q0)), (i + 1, (k1, q1))):
+            if k == kl:
+                crossings[point] = q
+        if min(k0, k1) < kl < max(k0, k1):
+            crossings[(i, i + 1)] = q0 + (q1 - q0) * (kl - k0) / (k1 - k0)
+    return sum(crossings.values()) / len(crossings) if crossings else None
+
+
+def t_test(values):
+    """(t, two-sided p) of the mean of `values` against 0 on len - 1 degrees of freedom (Student's t: with 4 seeds a
+    mean four standard errors from 0 has p 0.025, not a normal's 0.00006). The closed form for integer degrees of
+    freedom (Abramowitz & Stegun 26.7.3-4): A = P(|T| < t) from theta = atan(t / sqrt(df))."""
+    df = len(values) - 1
+    m, se = mean_se(values)
+    t = m / se if se > 0 else math.copysign(math.inf, m)
+    theta = math.atan(abs(t) / math.sqrt(df))
+    cos, term, total = math.cos(theta), 1.0, 1.0  # the series' first term, then each from the one before
+    for k in range(2, df - 1, 2):  # up to cos^(df - 2) theta
+        term *= cos ** 2 * k / (k + 1) if df % 2 else cos ** 2 * (k - 1) / k
+        total += term
+    inside = (2 / math.pi * (theta + math.sin(theta) * cos * total * (df > 1)) if df % 2 else math.sin(theta) * total)
+    return t, max(0.0, 1 - inside)
+
+
+def difference(values):
+    """A paired difference over seeds as printed: mean ± s.e., and Student's two-sided p (t_test) from 2 seeds on."""
+    m, se = mean_se(values)
+    return f"{m:+.3f} ± {se:.3f}" + (f" (p {t_test(values)[1]:.3f})" if len(values) > 1 else "")
 
 
 def report(records, configs, out):
@@ -130,25 +167,25 @@ def report(records, configs, out):
     first = configs[0]
     quality = "gold" if all(r["gold"] is not None for r in records) else "win_rate"
     by = {(r["config"], r["step"], r["seed"]): r for r in records}
-    curves = {}  # seed -> the first configuration's curve: the SFT model at KL 0, then its checkpoints
-    for r in records:
+    curves = {}  # seed -> the first configuration's curve in step order: the SFT model at KL 0, then its checkpoints
+    for r in sorted(records, key=lambda r: r["step"]):
         if r["config"] == first:
             curves.setdefault(r["seed"], [(0.0, sft(r)[quality])])
             curves[r["seed"]].append((r["kl"], r[quality]))
     print(f"\nminus {first}, same step and seed (paired: same prompts and sampling seeds), mean ± s.e. over seeds; "
-          f"last, {quality} minus {first}'s at the same KL (its curve in that seed, linear between its points; the "
-          "seeds whose KL it reaches)")
+          f"(p: Student's t, two-sided, seeds - 1 degrees of freedom); last, {quality} minus {first}'s at the same KL "
+          "(its curve in that seed in step order, linear between its points, the mean where it crosses that KL more "
+          "than once; the seeds whose KL it reaches)")
     for config in configs[1:]:
         for step in sorted({r["step"] for r in records if r["config"] == config}):
             pairs = [(by[(config, step, s)], by[(first, step, s)]) for s in sorted({r["seed"] for r in records})
                      if (config, step, s) in by and (first, step, s) in by]
             if pairs:
-                cells = [f"{q} {m:+.3f} ± {se:.3f}" for q, _ in QUANTITIES[:3] if pairs[0][0][q] is not None
-                         for m, se in [mean_se([a[q] - b[q] for a, b in pairs])]]
+                cells = [f"{q} {difference([a[q] - b[q] for a, b in pairs])}" for q, _ in QUANTITIES[:3]
+                         if pairs[0][0][q] is not None]
                 on_curve = [(r[quality], at_kl(curves[r["seed"]], r["kl"])) for r, _ in pairs]
                 matched = [q - q_first for q, q_first in on_curve if q_first is not None]
-                m, se = mean_se(matched) if matched else (None, None)
-                cells.append(f"at the same KL {m:+.3f} ± {se:.3f} in {len(matched)} of {len(pairs)}" if matched
+                cells.append(f"at the same KL {difference(matched)} in {len(matched)} of {len(pairs)}" if matched
                              else f"at the same KL: none of {len(pairs)}")
                 print(f"{config:<28} {step:>4} {len(pairs):>5}  " + "   ".join(cells))
     import matplotlib
@@ -176,10 +213,12 @@ def report(records, configs, out):
 
 
 def check_same_study(folder, args):
-    """Every run of a study trains and evaluates alike: a run file made with other flags is refused."""
+    """Every run of a study trains and evaluates alike: a run file made with other flags (parsed: their spelling and
+    order do not matter) is refused."""
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         r = json.load(open(path))
-        if (r["train"], r["evaluate"]) != (args.train, args.evaluate):
+        if [configuration(r["train"]), configuration(r["evaluate"])] != [configuration(args.train),
+                                                                          configuration(args.evaluate)]:
             raise UserError(f"{path} was made with --train={r['train']!r} --evaluate={r['evaluate']!r}, not with "
                             "this command's: give the same flags, or another --out for another study")
 
@@ -208,7 +247,7 @@ def main():
     for seed in args.seeds:
         for config in args.configs:
             result = os.path.join(folder, f"{name(config)}-seed{seed}.json")
-            if os.path.exists(result):
+            if recorded(result, config):
                 print(f"skipped {name(config)} seed {seed}: {result} holds its results")
             else:
                 run(config, seed, args, result)
@@ -217,9 +256,11 @@ def main():
             for checkpoint in checkpoints:
                 shutil.rmtree(checkpoint)  # only results are kept: a checkpoint of 135M parameters is 1.6 GB
     runs = [json.load(open(path)) for path in sorted(glob.glob(os.path.join(folder, "*.json")))]
-    records = [record for r in runs for record in r["records"]]
+    spelled = {name(c): c for c in args.configs}  # a configuration is its parsed flags: spelt as this command does
+    records = [{**record, "config": spelled.get(name(record["config"]), record["config"])}
+               for r in runs for record in r["records"]]
     json.dump(records, open(args.out, "w"), indent=1)
-    configs = list(dict.fromkeys([*args.configs, *(r["config"] for r in runs)]))
+    configs = list(dict.fromkeys([*args.configs, *(record["config"] for record in records)]))
     report(records, configs, args.out)
     hours = [sum(r["wall_s"][part] for r in runs) / 3600 for part in ("train", "evaluate")]
     print(f"\nwrote {args.out} ({len(records)} records of {len(runs)} runs, which took {hours[0]:.2f} h of training "

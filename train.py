@@ -26,10 +26,11 @@ import guards
 import memory
 from data import Batches, collate, fingerprint, held_out_batches, to_device, tokenize
 from flags import at_least, positive, random_seed, run_length, text
-from losses import METHODS
+from identity import model_fingerprint
+from losses import METHODS, as_read, reduction
 from locate import DEFAULT_MODEL
 from model import check_model_flags, load_model, load_tokenizer, sequence_logps
-from ref_update import Rule, update_reference
+from ref_update import Rule
 from sources import DataError, load_splits, skips_bad_rows
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -39,7 +40,7 @@ p.add_argument("--method", default="tr_dpo", choices=["sft", *METHODS, *(f"tr_{m
 p.add_argument("--beta", type=positive(), default=0.1, help="KL strength of DPO/IPO/KTO (IPO's tau)")
 Rule.add_flags(p)  # --alpha, --tau: the reference rule's own flags (ref_update.py)
 p.add_argument("--ipo_average", action="store_true", help="IPO on per-token mean log-probs (TRL) instead of sums")
-for method_flags in (flags for _, _, flags in METHODS.values()):  # each loss's own options (losses.METHODS)
+for method_flags in (flags for *_, flags in METHODS.values()):  # each loss's own options (losses.METHODS)
     for name, (default, domain, meaning) in method_flags.items():
         p.add_argument(f"--{name}", type=domain, default=default, help=meaning)
 p.add_argument("--model", type=text("a model"), default=DEFAULT_MODEL, help="HF id, local folder, config.json, or "
@@ -96,9 +97,11 @@ p.add_argument("--wandb", type=text("a project name"), default=None, metavar="PR
 args = p.parse_args()
 guards.report_user_errors()  # bad data, models or checkpoints: one sentence on stderr, not a traceback
 
-# the method, parsed once: its loss (losses.METHODS), and the reference rule (ref_update.Rule), or None if it is fixed
+# the method, parsed once: its loss (losses.METHODS) and how it reads log-probs, and the reference rule
+# (ref_update.Rule), or None if it is fixed
 method = args.method.removeprefix("tr_")
-loss_fn, pairing, own_flags = METHODS.get(method, (None, None, {}))
+loss_fn, pairing, _, own_flags = METHODS.get(method, (None, None, None, {}))
+reading = reduction(vars(args))  # "sum" or per-token "mean": how the loss reads log-probs (its METHODS entry)
 rule = Rule.of_args(p, args)  # None: the reference never moves
 guards.check_flags(p, args, method)  # values no run can use together: refused now, before anything loads
 out_dir = args.out_dir or os.path.join("out", f"{args.method}-{os.path.basename(args.dataset).removesuffix('.jsonl')}")
@@ -124,6 +127,7 @@ use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cud
 autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # weights stay fp32 (the master copy)
 torch.manual_seed(args.seed)  # a config-built model's random init; nothing else draws random numbers
 check_model_flags(p, args)  # a model that cannot be found or read, or flags it cannot take, stop here
+model_sha256 = model_fingerprint(args.model, seed=args.seed)  # what the run starts from
 resume_from = checkpoint.prepare_out_dir(out_dir, args)  # one run per folder (deletes nothing)
 state = checkpoint.read_progress(resume_from) if resume_from else None  # memory-mapped, loaded below
 
@@ -134,9 +138,8 @@ def log(message):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# data: rank 0 loads and tokenizes first and caches the tokens; the other ranks then read them from the cache.
-# The eval pairs are held out: drawn at random from the test split (from a JSONL file: from its rows), the same pairs
-# for every run whatever its --seed, so that runs compare on them
+# data: rank 0 tokenizes first and caches the tokens, the other ranks read them. The eval pairs are held out (prompts
+# never trained on: sources.load_splits), the same pairs for every run whatever its --seed: runs compare on them
 tokenizer = load_tokenizer(args.model, log=log)
 with guards.rank_zero_first():  # bad data stops rank 0 with its message; the other ranks then exit quietly
     rows, eval_rows = load_splits(args.dataset, args.eval_pairs, skip_bad_rows=args.skip_bad_rows, log=log,
@@ -154,8 +157,8 @@ with guards.rank_zero_first():  # bad data stops rank 0 with its message; the ot
            "dtype": "bf16" if use_bf16 else "fp32"}  # as in force: what --dtype auto, --alpha, --tau chose here
     data_sha256 = fingerprint(train_set + eval_set)  # the pairs themselves: a resume must train and evaluate on them
     if state:  # a resume continues the same run, on the same pairs, or stops here, before any model loads
-        checkpoint.check_resume(state, run, p, data_sha256, resume_from)
-if state and state["step"] >= max_steps:
+        checkpoint.check_resume(state, run, p, data_sha256, resume_from, model_sha256)
+if state and checkpoint.finished(out_dir, max_steps):  # --resume auto of a finished run: done
     log(f"{out_dir} is complete: step {state['step']} of {max_steps}; nothing to do")
     guards.finish()
 if args.warmup_steps >= max_steps:
@@ -253,9 +256,9 @@ def losses_and_metrics(batch, kl, sft_tokens):
         logps = sequence_logps(policy, batch)  # batch (as transformers and TRL): the mean of these pair losses over
         losses = -logps * args.batch_size / sft_tokens  # the global batch's pairs, which the loop takes, is that mean
         return losses, {"loss": losses.detach().sum(), "logps/chosen": logps.detach().sum()}
-    policy_logps = sequence_logps(policy, batch, args.ipo_average)  # (2B,): chosen rows first, then rejected
+    policy_logps = sequence_logps(policy, batch, reading == "mean")  # (2B,): chosen rows first, then rejected
     with torch.no_grad():
-        ref_logps = sequence_logps(reference, batch, args.ipo_average)
+        ref_logps = sequence_logps(reference, batch, reading == "mean")
     own = {name: getattr(args, name) for name in own_flags}  # the loss's own options, e.g. --kto_lambda_d
     if pairing == "paired":
         losses, chosen_rewards, rejected_rewards = loss_fn(*policy_logps.chunk(2), *ref_logps.chunk(2), args.beta,
@@ -288,16 +291,15 @@ def sum_over_ranks(device_sums, host_counts, grad_norm):
 @torch.no_grad()
 def held_out_metrics():
     """Held-out pairs against the (moving) reference; the drift from the original SFT model of the policy and of
-    the reference (the centre of the trust region), in summed nats. Margins are on training's scale (per-token
-    means under --ipo_average)."""
+    the reference (the centre of the trust region), in summed nats. Margins are on training's scale (the method's
+    reduction: per-token means where it reads them)."""
     if not eval_batches:
         return {}
     sums = {}
     refs = held_out_logps(reference) if reference is not None else sft_logps
     for pol, sft, ref, (batch, w) in zip(held_out_logps(policy_raw), sft_logps, refs, eval_batches):
-        scale = batch["loss_mask"].sum(-1) if args.ipo_average else 1  # log-probs per token, as in training
         (pc, pr), (sc, sr), (rc, rr) = pol.chunk(2), sft.chunk(2), ref.chunk(2)
-        (hc, hr), (gc, gr) = (pol / scale).chunk(2), (ref / scale).chunk(2)
+        (hc, hr), (gc, gr) = (as_read(x, batch["loss_mask"], reading).chunk(2) for x in (pol, ref))  # as training
         m = {"eval/rewards/accuracies": ((hc - gc) > (hr - gr)).float(),
              "eval/rewards/margins": args.beta * ((hc - gc) - (hr - gr)),
              "drift/chosen": pc - sc, "drift/rejected": pr - sr,  # log pi - log pi_SFT on held-out completions
@@ -326,25 +328,26 @@ def get_lr(step):
 def write_record():
     """The log record of the steps since the last one: means over those steps and all ranks, and the latest held-out
     metrics. At every log step, and before every checkpoint: a run stopped or killed after it loses no step's."""
-    global since_log, logged_step, t0
+    global since_log, logged_step, t0, applied
     if step == logged_step:
         return
     n, tokens, grad_norms = step - logged_step, since_log.pop("tokens"), since_log.pop("grad_norm")
     record = {"step": step, **{k: v / (n * args.batch_size) for k, v in since_log.items() if k != "stop"},
               "grad_norm": grad_norms / n, "lr": get_lr(step), "tokens_per_s": tokens / (time.time() - t0),
-              "ref_updates": ref_updates, "skipped_steps": skipped,
+              "ref_updates": ref_updates, **applied, "skipped_steps": skipped,
               "epoch": (step + skipped - 1) // batches.per_epoch, **held_out}
-    log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+    log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+                 if not isinstance(v, list)))  # the updates' list: metrics.jsonl only
     bar.set_postfix(loss=f"{record['loss']:.3f}")
     metrics.write(record)
-    since_log, logged_step, t0 = {}, step, time.time()
+    since_log, logged_step, t0, applied = {}, step, time.time(), {}
 
 
 def save():
     write_record()  # the steps since the last record: a resume from this checkpoint would never log them
     stop.saving = True  # a second Ctrl-C must not abort a half-written checkpoint
     progress = {"step": step, "ref_updates": ref_updates, "skipped_steps": skipped, "data_sha256": data_sha256,
-                "run": run, "wandb_id": metrics.wandb_id}
+                "model_sha256": model_sha256, "run": run, "wandb_id": metrics.wandb_id}
     final = checkpoint.save(out_dir, policy_raw, reference if rule else None, optimizer, tokenizer, progress,
                             args.fsdp, master)
     stop.saving = False
@@ -361,7 +364,7 @@ log(f"{args.method}: {len(train_set)} pairs ({len(train_set) % args.batch_size} 
 
 # ----------------------------------------------------------------------------------------------------------------
 # the loop
-since_log, logged_step, t0 = {}, step, time.time()  # sums since the last log line
+since_log, logged_step, t0, applied = {}, step, time.time(), {}  # sums, and the updates applied, since the last line
 held_out = held_out_metrics()
 stop = guards.StopSignals(under_torchrun=distributed)  # SIGTERM/Ctrl-C: finish the step, save, exit
 bar = tqdm(total=max_steps, initial=step, disable=not master, desc=args.method, dynamic_ncols=True)
@@ -406,13 +409,9 @@ while step < max_steps:
         held_out = held_out_metrics()
         t0 += time.time() - eval_start  # tokens/s counts training time only
 
-    # the paper's one line: every tau steps, theta_ref <- alpha * theta + (1 - alpha) * theta_ref
-    if rule and rule.due(step):
-        update_reference(reference, policy, rule.weight(step))
-        ref_updates += 1
-        if rule.tau > 1:  # (every step with tau 1: the log lines' ref_updates count them)
-            log(f"step {step}: reference updated ({ref_updates} so far): " +
-                ("a copy of the policy" if not rule.mixes else f"alpha {rule.weight(step):g}"))
+    # the paper's one line: every tau steps, theta_ref <- alpha * theta + (1 - alpha) * theta_ref (ref_update.py),
+    # each update applied recorded in the next log record (`applied`): what plot.py and evaluate.py draw
+    ref_updates += rule.apply(step, reference, policy, applied, log) if rule else 0
     if step % (args.log_interval or max_steps) == 0 or step in (1, max_steps):  # means since the last line, all ranks
         write_record()
     if (args.save_interval and step % args.save_interval == 0) or step == max_steps or totals["stop"]:
@@ -434,4 +433,4 @@ if step == max_steps:  # what happened, and what to do next
     log(f"next: python plot.py {out_dir}   (the curves, with the reference updates marked)\n"
         f"      python evaluate.py {out_dir}/step_* --baseline {args.model}   (samples: win rate, KL to SFT)")
 metrics.close()
-guards.finish()
+guards.finish(0 if step == max_steps else guards.STOPPED)  # stopped early: STOPPED, resumable (not 0)

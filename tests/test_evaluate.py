@@ -184,7 +184,8 @@ def test_llm_judge_talks_to_a_real_local_endpoint_and_parses_verdict_and_criteri
 def test_the_reward_accuracy_counts_a_tie_one_half_as_the_win_rate_does():
     """The SFT model scored against itself ties on every pair: 0.5, no better than chance (it printed 0.000)."""
     from evaluate import reward_accuracy
-    policy = [(torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0])), (torch.tensor([-4.0]), torch.tensor([-5.0]))]
-    assert reward_accuracy(policy, policy) == 0.5
-    sft = [(torch.tensor([-1.5, -2.0]), torch.tensor([-3.0, -1.5])), (torch.tensor([-4.0]), torch.tensor([-5.0]))]
-    assert reward_accuracy(policy, sft) == (1 + 0 + 0.5) / 3  # margins +0.5, -0.5 and a tie
+    policy = [torch.tensor([-1.0, -2.0, -3.0, -1.0]), torch.tensor([-4.0, -5.0])]  # chosen rows, then rejected
+    batches = [{"loss_mask": torch.ones(len(logps), 3)} for logps in policy]
+    assert reward_accuracy(policy, policy, batches, "sum") == 0.5
+    sft = [torch.tensor([-1.5, -2.0, -3.0, -1.5]), torch.tensor([-4.0, -5.0])]
+    assert reward_accuracy(policy, sft, batches, "sum") == (1 + 0 + 0.5) / 3  # margins +0.5, -0.5 and a tie

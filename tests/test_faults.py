@@ -11,6 +11,7 @@ import time
 import pytest
 
 from conftest import PAIRS, ROOT, TINY, train_py
+from guards import STOPPED
 from test_train import TINY_RUN, train
 
 pytestmark = pytest.mark.slow  # runs train.py or other scripts: `make test` runs these, `make test-fast` not
@@ -33,7 +34,7 @@ def test_sigterm_logs_the_partial_interval_saves_at_a_step_boundary_and_resume_i
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     log = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0 and "stopped by a signal after step" in log and "Traceback" not in log, log
+    assert proc.returncode == STOPPED and "stopped by a signal after step" in log and "Traceback" not in log, log
     logged = records(out)
     stopped = logged[-1]["step"]  # stopped between two log lines: step 1's and step 100's
     assert [r["step"] for r in logged] == [1, stopped] and stopped < 12
@@ -153,7 +154,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
     proc, rank1 = torchrun_mid_training(tmp_path, "--max_steps", "100000")
     os.kill(rank1, signal.SIGTERM)  # rank 0 gets no signal: it must learn of it and stop at the same step
     log = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0 and "stopped by a signal after step" in log, log
+    assert f"exitcode  : {STOPPED}" in log and "stopped by a signal after step" in log, log  # each worker's status
     stopped = records(tmp_path)[-1]["step"]
     assert (tmp_path / f"step_{stopped:06d}" / "state.pt").exists() and "identical on all 2 ranks" in log
 
@@ -161,7 +162,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
 def test_ctrl_c_to_torchrun_saves_at_a_step_boundary_then_torchrun_exits_1(tmp_path):
     """Ctrl-C in a terminal signals the foreground process group: torchrun, which forwards SIGINT to its workers (each
     in a session of its own) and kills them --shutdown-timeout seconds later (default 30). The workers finish the
-    step, save and exit 0; torchrun itself ends with its SignalException traceback and status 1, as the README says."""
+    step, save and exit STOPPED; torchrun itself ends with its SignalException traceback and status 1, as the README says."""
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              os.path.join(ROOT, "train.py"), *TINY_RUN, "--max_steps", "100000", "--out_dir",
                              str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,

@@ -161,7 +161,7 @@ def accepted_train_probes():
     """Every probe of train.py that argparse accepts: each must give a completed run. The run's length is bounded by
     --max_steps 1, so --max_steps' own absurd values are left out (a run of 10^9 steps, as asked)."""
     parser = parser_of("train.py")
-    method_of = {f"--{flag}": method for method, (_, _, own) in METHODS.items() for flag in own}
+    method_of = {f"--{flag}": method for method, (*_, own) in METHODS.items() for flag in own}
     cases = []
     for flag, value in probes("train.py"):
         if flag == "--max_steps" and value in ("1000000000", str(2**64)) or flag in ("--model", "--dataset", "--out_dir"):

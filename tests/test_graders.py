@@ -192,6 +192,86 @@ def update_rebinds(reference, policy, alpha):
         r = alpha * p.to(r.dtype) + (1 - alpha) * r  # a new tensor bound to a local name: the reference never moves
 
 
+@torch.no_grad()
+def update_only_trainable(reference, policy, alpha):
+    for r, p in zip(reference.parameters(), unwrap(policy).parameters()):
+        if r.requires_grad:  # the optimizer's idiom: train.py's reference has none, and never moves
+            r.lerp_(p.to(r.dtype), alpha)
+
+
+@torch.no_grad()
+def update_ema_form(reference, policy, alpha):
+    for r, p in zip(reference.parameters(), unwrap(policy).parameters()):
+        r.add_(alpha * (p.to(r.dtype) - r))  # at alpha 1, r + (p - r): not always p in floating point
+
+
+def update_without_no_grad(reference, policy, alpha):
+    for r, p in zip(reference.parameters(), unwrap(policy).parameters()):
+        r.lerp_(p.to(r.dtype), alpha)  # the reference's tensors now hang on the policy's autograd graph
+
+
+def update_into_the_policy(reference, policy, alpha):
+    for r, p in zip(reference.parameters(), unwrap(policy).parameters()):
+        r.copy_(p.mul_(alpha).add_(r, alpha=1 - alpha))  # an in-place op on the policy's trainable leaf
+
+
+@torch.no_grad()
+def update_generator_twice(reference, policy, alpha):
+    policy_params = unwrap(policy).parameters()  # a generator: any() below uses it up
+    ref_params = list(reference.parameters())
+    if any(p.dtype != r.dtype for p, r in zip(policy_params, ref_params)):
+        policy_params = (p.to(r.dtype) for p, r in zip(policy_params, ref_params))
+    torch._foreach_lerp_(ref_params, list(policy_params), alpha)
+
+
+def ipo_rejected_reward_twice(pc, pr, rc, rr, beta):
+    h = (pc - rc) - (pr - rr)
+    chosen_rewards = beta * (pc - rc).detach()
+    return (h - 1 / (2 * beta)) ** 2, chosen_rewards, chosen_rewards
+
+
+def dpo_in_place(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+                 label_smoothing=0.0):
+    policy_chosen_logps -= ref_chosen_logps  # the log-ratios computed in the inputs' own memory
+    policy_rejected_logps -= ref_rejected_logps
+    h = policy_chosen_logps - policy_rejected_logps
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return losses, beta * policy_chosen_logps.detach(), beta * policy_rejected_logps.detach()
+
+
+def dpo_in_float32(pc, pr, rc, rr, beta, label_smoothing=0.0):
+    pc, pr, rc, rr = pc.float(), pr.float(), rc.float(), rr.float()  # the right formula, float32 arithmetic
+    h = (pc - rc) - (pr - rr)
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return losses, beta * (pc - rc).detach(), beta * (pr - rr).detach()
+
+
+def plain_logps(model, batch, average=False, shift=1, mask="loss_mask", dim=-1, mean=None):
+    """A plain-PyTorch sequence_logps, with the knobs where its typical mistakes live."""
+    ids = batch["input_ids"]
+    logits = model(input_ids=ids).logits
+    logits, labels = (logits[:, :-1], ids[:, 1:]) if shift else (logits, ids)
+    m = batch[mask][:, 1:] if shift else batch[mask]
+    logps = (logits.log_softmax(dim).gather(-1, labels.unsqueeze(-1)).squeeze(-1) * m).sum(-1)
+    return logps / m.sum(-1) if (average if mean is None else mean) else logps
+
+
+def logps_no_shift(model, batch, average=False):
+    return plain_logps(model, batch, average, shift=0)
+
+
+def logps_prompt_counted(model, batch, average=False):
+    return plain_logps(model, batch, average, mask="attention_mask")
+
+
+def logps_mean_always(model, batch, average=False):
+    return plain_logps(model, batch, average, mean=True)
+
+
+def logps_softmax_over_time(model, batch, average=False):
+    return plain_logps(model, batch, average, dim=1)
+
+
 MISTAKES = [  # (the function, what the student wrote, the wrong version, what the grader's message must say)
     ("dpo_loss", "forgets beta (LESSON.md's example)", dpo_forgets_beta,
      r"dpo_loss with beta 0\.05, pair 0 \(margin h = -68\.2072\): loss -log sigmoid\(beta h\): expected 3\.44"),
@@ -228,7 +308,7 @@ MISTAKES = [  # (the function, what the student wrote, the wrong version, what t
     ("kto_loss", "no clamp: z = kl, negative too", kto_no_clamp, r"kto_loss, .*KL estimate -2\.994 \(so z = 0\.000\)"),
     ("kto_loss", "z not detached", kto_z_not_detached, r"kto_loss: a gradient flowed through z"),
     ("kto_loss", "lambda_D and lambda_U swapped", kto_lambdas_swapped,
-     r"kto_loss, desirable example 0, .*: loss: expected"),
+     r"kto_loss, desirable example 0, .*: loss lambda_D \(1 - sigmoid\(beta \(r - z\)\)\), .*: expected"),
     ("kto_loss", "the bool mask in arithmetic (1 - desirable)", kto_bool_arithmetic,
      r"kto_loss raised RuntimeError \(.*\): likely a bool mask \(`desirable`\) used in arithmetic"),
     ("update_reference", "r.data = p.data (an alias, not a copy)", update_aliasing,
@@ -246,6 +326,34 @@ MISTAKES = [  # (the function, what the student wrote, the wrong version, what t
      r"reference's dtype"),
     ("update_reference", "rebinds a local name instead of writing in place", update_rebinds,
      r"update_reference with alpha 0\.3: reference 0\.weight should be alpha \* policy"),
+    ("update_reference", "updates only the tensors with requires_grad (train.py's reference has none)",
+     update_only_trainable, r"update_reference with alpha 0\.3: .*, but no tensor of the reference moved: .*a test "
+                            r"of requires_grad skips all of them"),
+    ("update_reference", "r.add_(alpha * (p - r)), which rounds at alpha 1", update_ema_form,
+     r"update_reference with alpha 1 \(the hard update\), on a policy unrelated to the reference: .*bit-exact copy, "
+     r"and r \+ alpha \(p - r\) rounds .*r\.lerp_\(p, alpha\)"),
+    ("update_reference", "mixes without torch.no_grad()", update_without_no_grad,
+     r"update_reference with alpha 0\.3: reference 0\.weight now requires grad .*: mix under torch\.no_grad\(\)"),
+    ("update_reference", "mixes in the policy's own tensor (p.mul_)", update_into_the_policy,
+     r"update_reference raised RuntimeError .*: likely an in-place operation on a tensor that requires grad: "
+     r"change a model's weights under torch\.no_grad\(\)"),
+    ("update_reference", "uses a generator of parameters twice", update_generator_twice,
+     r"update_reference raised RuntimeError .*: likely two lists of tensors of different lengths: a generator"),
+    ("ipo_loss", "returns the chosen reward twice", ipo_rejected_reward_twice,
+     r"ipo_loss with beta 0\.01, pair 0 .*: rejected reward beta \(log pi\(y_l\) - log ref\(y_l\)\): expected"),
+    ("dpo_loss", "computes the log-ratios in its inputs' memory (-=)", dpo_in_place,
+     r"dpo_loss changed its input policy_chosen_logps in place .*compute new tensors"),
+    ("dpo_loss", "the right formula in float32", dpo_in_float32,
+     r"dpo_loss with beta 0\.05, pair 0 .*: expected 3\.44285475\d*, got 3\.44285464\d*: right to 6 digits, .*keep "
+     r"the inputs' dtype"),
+    ("sequence_logps", "no shift between logits and labels", logps_no_shift,
+     r"sequence_logps with average=False, row 0 .*: likely the logits at position t predict token t \+ 1"),
+    ("sequence_logps", "the prompt's tokens counted (the attention mask)", logps_prompt_counted,
+     r"sequence_logps with average=False, row 0 .*: likely the prompt's tokens were counted"),
+    ("sequence_logps", "the mean over tokens where the sum is asked", logps_mean_always,
+     r"sequence_logps with average=False, row 0 .*: likely average=False returns the sum"),
+    ("sequence_logps", "log_softmax over the positions (dim 1)", logps_softmax_over_time,
+     r"sequence_logps with average=False, row 0 .*: likely the softmax ran over the positions"),
 ]
 
 
@@ -261,8 +369,9 @@ class Failures:
 
 
 def test_each_exercise_has_one_grading_command():
-    assert sorted(EXERCISES) == ["dpo_loss", "ipo_loss", "kto_loss", "should_update", "update_reference"], \
-        f"LESSON.md's exercises table should grade the five functions, one `-k word` each; read {EXERCISES}"
+    assert sorted(EXERCISES) == ["dpo_loss", "ipo_loss", "kto_loss", "sequence_logps", "should_update",
+                                 "update_reference"], \
+        f"LESSON.md's exercises table should grade the six functions, one `-k word` each; read {EXERCISES}"
 
 
 @pytest.mark.slow  # a grading session per mistake: seconds each, too many for make test-fast
@@ -281,7 +390,7 @@ def test_the_grading_command_fails_on_a_typical_mistake(function, mistake, wrong
         "\n".join(failures.messages)
 
 
-@pytest.mark.parametrize("path", ["tests/test_losses.py", "tests/test_ref_update.py"])
+@pytest.mark.parametrize("path", ["tests/test_losses.py", "tests/test_ref_update.py", "tests/test_sequence_logps.py"])
 def test_every_assert_of_a_grader_carries_a_message(path):
     tree = ast.parse(open(os.path.join(ROOT, path)).read())
     bare = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Assert) and node.msg is None]

@@ -8,10 +8,10 @@ import sys
 import pytest
 
 from conftest import ROOT, TINY
-from data import tokenize
+from data import render, tokenize
 from sources import DataError, load_splits
 from families import tokenizer_of
-from hub_layout import HH, hh, write_hh, write_tldr, write_ultrafeedback
+from hub_layout import HH, TLDR, hh, write_hh, write_tldr, write_ultrafeedback
 
 quiet = dict(log=lambda m: None)
 SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
@@ -113,6 +113,17 @@ def test_held_out_pairs_are_a_seeded_random_draw_of_the_test_split_and_only_draw
     drawn = messages[-1]  # the test split has 8 bad rows; only those drawn before 4 good ones were checked
     assert drawn.startswith(f"held out 4 pairs drawn at random (seed 0) from {folder} test (24 rows)")
     assert "bad row(s) of 8" not in drawn
+
+
+def test_a_test_row_whose_prompt_the_train_split_holds_is_not_held_out_and_is_counted(tmp_path, chat_tokenizer):
+    """A hub set's test split may repeat a training prompt with other answers: never trained on means neither."""
+    again = {**TLDR["train"][0], "chosen": " Friend replies slowly.", "rejected": " texts"}  # a training post
+    folder = write_tldr(tmp_path / "tldr", {"train": TLDR["train"], "validation": [again, *TLDR["validation"]]})
+    messages = []
+    train, held = load_splits("tldr", 3, log=messages.append, data_dir=folder)
+    as_ids = lambda rows: {tuple(render(chat_tokenizer, r["prompt"])) for r in rows}  # noqa: E731
+    assert len(held) == 2 and not as_ids(held) & as_ids(train)
+    assert "left out 1 of the 3 good rows drawn: their prompt is trained on" in messages[-1]
 
 
 # ----------------------------------------------------------------------------------------------------------------

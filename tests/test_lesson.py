@@ -37,8 +37,10 @@ SAFE = [
 ]                                                                    # must select something (pytest exits 5 if not)
 REDUCE = [
     ("python train.py", f"python train.py --model {TINY}"),  # the tiny model for every training run
-    ("--max_steps 8", "--max_steps 3"), ("--tau 4", "--tau 2"), ("--eval_pairs 16", "--eval_pairs 4"),
-    ("step_000008", "step_000003"), ("--baseline smollm2-135m-instruct", f"--baseline {TINY}"),
+    ("--max_steps 5 ", "--max_steps 3 "), ("--tau 3 ", "--tau 2 "),  # Part 4's class run
+    ("step_000005", "step_000003"),  # Part 5's evaluation of its checkpoint
+    ("--max_steps 8 ", "--max_steps 3 "), ("--eval_pairs 16 ", "--eval_pairs 4 "),  # the soft run, at home
+    ("--baseline smollm2-135m-instruct", f"--baseline {TINY}"),
     ("--n_prompts 32", "--n_prompts 4"), ("--n_pairs 32", "--n_pairs 4"), ("--max_new_tokens 32", "--max_new_tokens 8"),
     ("toy.py --sweep ", "toy.py --sweep --steps 2 "), ("toy.py --seed 2 ", "toy.py --seed 2 --steps 100 "),
 ]
@@ -56,10 +58,27 @@ def runnable(command, out):
 
 def run(command):
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
-    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    result = subprocess.run(["bash", "-e", "-c", command], capture_output=True, text=True, cwd=ROOT, env=env,
+                            timeout=900)  # -e: a block of several lines fails at its first failing line
     log = result.stdout + result.stderr
     assert result.returncode == 0, f"{command}\nfailed:\n{log[-3000:]}"
     return log
+
+
+def test_the_code_a_part_shows_is_the_file_its_command_runs():
+    """Parts 1 and 3 show their script, then run it as a file (one line on every OS): the two must be the same."""
+    shown = re.findall(r"```python\n(.*?)```\s*```bash\npython -m (lesson\.\w+)\n```", LESSON, re.S)
+    assert len(shown) >= 2, "LESSON.md no longer shows the scripts of Parts 1 and 3 before running them"
+    for code, module in shown:
+        path = os.path.join(ROOT, *module.split(".")) + ".py"
+        assert code == open(path).read(), f"LESSON.md shows code that differs from {path}, which its command runs"
+
+
+def test_every_command_is_one_line():
+    """A command continued over lines (a heredoc, a backslash) or joined with && does not run as printed in Windows'
+    PowerShell: a block of several commands has one on each line."""
+    several = [c for _, c in COMMANDS if "\\\n" in c or "&&" in c or "<<" in c] + [c for _, c in INLINE if "\n" in c]
+    assert not several, f"LESSON.md prints commands that are not one line each: {several}"
 
 
 def test_every_reduction_and_expectation_still_applies_to_a_command_of_the_lesson():
@@ -109,7 +128,7 @@ def command_of(part):
 
 
 EXPECTED = {  # what a part's command, reduced (the tiny model, fewer steps), must still print; by what it holds
-    "--tau 4": [r"step 2: reference updated \(1 so far\)", r"step 1 loss 0\.6931 .*rewards/margins 0 ",
+    "--tau 3 ": [r"step 2: reference updated: a copy of the policy", r"step 1 loss 0\.6931 .*rewards/margins 0 ",
                 r"wrote .*curves\.png",
                 # the reference's drift after the copy is the policy's at the copy: the trust region's centre jumps
                 r"^step 2 .*drift/rejected (\S+) .*\n(?:.*\n)*?step 3 .*drift/reference_rejected \1$"],
@@ -121,7 +140,8 @@ EXPECTED = {  # what a part's command, reduced (the tiny model, fewer steps), mu
                     r"^step 3 .*rewards/margins (?!0 )\S+ .*ref_updates 3 .*drift/reference_rejected (?!0$)\S+$"],
     "evaluate.py": [r"scoring 4 prompts and 4 pairs of demo \(max_length 512, max_prompt_length 256\), weights in "
                     r"float32, on cpu", r"wrote .*results\.json", r"wrote .*win_rate_vs_kl\.png"],
-    "--method tr_ipo": [r"warning: the reference will never move \(2 steps < tau 512\): this run is vanilla IPO, "
+    "--method tr_ipo": [r"warning: --warmup_steps 5 >= the run's 2 steps: the lr never reaches --lr\n"
+                        r"warning: the reference will never move \(2 steps < tau 512\): this run is vanilla IPO, "
                         r"not TR-IPO", r"^step 1 loss 25 .*rewards/margins 0 "],
 }
 
@@ -179,15 +199,15 @@ def quoted_log(part, after="You should see"):
 
 
 def test_part4_quotes_what_holds_on_every_cpu():
-    """What Part 4's prediction rests on holds in the quoted log to the last printed digit on any CPU: steps 1, 2 and 5
-    at exactly log 2 with zero margins, and the reference's drift from step 5 on equal to the policy's at step 4 (the
+    """What Part 4's prediction rests on holds in the quoted log to the last printed digit on any CPU: steps 1, 2 and 4
+    at exactly log 2 with zero margins, and the reference's drift from step 4 on equal to the policy's at step 3 (the
     same bits: a copy). The other digits are this machine's; the lesson says which are stable."""
     log = quoted_log("Part 4")
-    for step in (1, 2, 5):
+    for step in (1, 2, 4):
         assert log[step]["loss"] == "0.6931" and log[step]["rewards/margins"] == "0", f"Part 4, step {step}: " \
             f"{log[step]}"
-    for step in (5, 6, 7, 8):
-        assert log[step]["drift/reference_rejected"] == log[4]["drift/rejected"], f"Part 4, step {step}"
+    for step in (4, 5):
+        assert log[step]["drift/reference_rejected"] == log[3]["drift/rejected"], f"Part 4, step {step}"
     soft = quoted_log("Part 4", "then (shortened as above")  # the glide: margins and the reference move from step 3
     assert all(soft[s]["rewards/margins"] == soft[s]["drift/reference_rejected"] == "0" for s in (1, 2)), soft
     assert all("0" not in (soft[s]["rewards/margins"], soft[s]["drift/reference_rejected"]) for s in range(3, 9)), soft
@@ -208,7 +228,8 @@ def test_each_exercise_is_graded_by_one_word_that_selects_every_test_of_its_file
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", *files], capture_output=True,
                             text=True, cwd=ROOT)
     ids = [line for line in result.stdout.splitlines() if "::" in line]
-    assert [f for f, _, _ in EXERCISES] == ["dpo_loss", "ipo_loss", "kto_loss", "update_reference", "should_update"], \
+    assert [f for f, _, _ in EXERCISES] == ["dpo_loss", "ipo_loss", "kto_loss", "update_reference", "should_update",
+                                            "sequence_logps"], \
         f"LESSON.md's exercises table, one row per function with one -k word: {EXERCISES}"
     for path in {path for _, path, _ in EXERCISES}:
         for test in (i for i in ids if i.startswith(path)):

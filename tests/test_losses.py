@@ -38,7 +38,10 @@ def returned(result, names, n):
 def expect(got, want, case, rel=1e-10, abs_=1e-12):
     """One number against its independent computation; a failure says which case, what was expected, what came."""
     if not math.isclose(got, want, rel_tol=rel, abs_tol=abs_):
-        pytest.fail(f"{case}: expected {want!r}, got {got!r}", pytrace=False)
+        single = rel < 1e-6 and math.isclose(got, want, rel_tol=1e-5, abs_tol=1e-6)  # right to float32's digits only
+        pytest.fail(f"{case}: expected {want!r}, got {got!r}" + (
+            ": right to 6 digits, so the formula is right but it ran in float32; keep the inputs' dtype (float64 "
+            "here): no .float(), no constant made with torch.tensor() without dtype=" if single else ""), pytrace=False)
 
 
 DPO = ("dpo_loss", "losses", "chosen_rewards", "rejected_rewards")
@@ -54,8 +57,10 @@ def test_dpo_loss_matches_float64_closed_form(beta):
         h = (pc[i].item() - rc[i].item()) - (pr[i].item() - rr[i].item())
         case = f"dpo_loss with beta {beta}, pair {i} (margin h = {h:.4f})"
         expect(losses[i].item(), math.log(1 + math.exp(-beta * h)), f"{case}: loss -log sigmoid(beta h)")
-        expect(chosen_rewards[i].item(), beta * (pc[i].item() - rc[i].item()), f"{case}: chosen reward")
-        expect(rejected_rewards[i].item(), beta * (pr[i].item() - rr[i].item()), f"{case}: rejected reward")
+        expect(chosen_rewards[i].item(), beta * (pc[i].item() - rc[i].item()),
+               f"{case}: chosen reward beta (log pi(y_w) - log ref(y_w))")
+        expect(rejected_rewards[i].item(), beta * (pr[i].item() - rr[i].item()),
+               f"{case}: rejected reward beta (log pi(y_l) - log ref(y_l))")
 
 
 @pytest.mark.parametrize("eps", [0.1, 0.3])
@@ -131,12 +136,15 @@ def test_dpo_loss_is_exact_at_large_margins_in_float32():
 @pytest.mark.parametrize("beta", [0.01, 0.1, 1.0])
 def test_ipo_loss_matches_float64_closed_form(beta):
     pc, pr, rc, rr = random_logps(seed=1)
-    losses, chosen_rewards, _ = returned(call(ipo_loss, pc, pr, rc, rr, beta), IPO, 16)
+    losses, chosen_rewards, rejected_rewards = returned(call(ipo_loss, pc, pr, rc, rr, beta), IPO, 16)
     for i in range(len(pc)):
         h = (pc[i].item() - rc[i].item()) - (pr[i].item() - rr[i].item())
-        expect(losses[i].item(), (h - 1 / (2 * beta)) ** 2,
-               f"ipo_loss with beta {beta}, pair {i} (h = {h:.4f}): loss (h - 1/(2 beta))^2")
-        expect(chosen_rewards[i].item(), beta * (pc[i].item() - rc[i].item()), f"ipo_loss pair {i}: chosen reward")
+        case = f"ipo_loss with beta {beta}, pair {i} (h = {h:.4f})"
+        expect(losses[i].item(), (h - 1 / (2 * beta)) ** 2, f"{case}: loss (h - 1/(2 beta))^2")
+        expect(chosen_rewards[i].item(), beta * (pc[i].item() - rc[i].item()),
+               f"{case}: chosen reward beta (log pi(y_w) - log ref(y_w))")
+        expect(rejected_rewards[i].item(), beta * (pr[i].item() - rr[i].item()),
+               f"{case}: rejected reward beta (log pi(y_l) - log ref(y_l))")
 
 
 def test_ipo_loss_is_zero_exactly_at_the_target_margin():
@@ -152,6 +160,11 @@ def test_ipo_rewards_are_detached():
     pr.requires_grad_(True)
     _, chosen_rewards, rejected_rewards = returned(call(ipo_loss, pc, pr, rc, rr, 0.1), IPO, 4)
     rewards_are_detached("ipo_loss", [chosen_rewards, rejected_rewards], IPO[2:])
+
+
+# the loss of an example, by `desirable`: what a failure message prints
+KTO_LOSS = {True: ("desirable", "lambda_D (1 - sigmoid(beta (r - z))), r = log pi(y) - log ref(y), z = max(0, kl)"),
+            False: ("undesirable", "lambda_U (1 - sigmoid(beta (z - r))), r = log pi(y) - log ref(y), z = max(0, kl)")}
 
 
 def kto_reference(policy, ref, desirable, policy_kl, ref_kl, beta, lambda_d, lambda_u):
@@ -174,10 +187,10 @@ def test_kto_loss_matches_float64_closed_form(kl_shift):
                                         kto_lambda_u=1.5), KTO, 8)
     expected, z = kto_reference(p.tolist(), r.tolist(), desirable.tolist(), pkl.tolist(), rkl.tolist(), 0.1, 1.0, 1.5)
     for i in range(8):
-        kind = "desirable" if desirable[i] else "undesirable"
-        expect(losses[i].item(), expected[i], f"kto_loss, {kind} example {i}, KL estimate {(pkl - rkl).mean():.3f} "
-                                              f"(so z = {z:.3f}): loss")
-        expect(rewards[i].item(), 0.1 * (p[i].item() - r[i].item()), f"kto_loss, example {i}: reward")
+        formula = KTO_LOSS[bool(desirable[i])]
+        expect(losses[i].item(), expected[i], f"kto_loss, {formula[0]} example {i}, KL estimate "
+                                              f"{(pkl - rkl).mean():.3f} (so z = {z:.3f}): loss {formula[1]}")
+        expect(rewards[i].item(), 0.1 * (p[i].item() - r[i].item()), f"kto_loss, example {i}: reward beta r")
 
 
 def test_kto_reference_point_is_detached():
@@ -206,8 +219,9 @@ def test_kto_loss_is_half_lambda_when_policy_equals_reference():
                                         kto_lambda_d=2.0, kto_lambda_u=1.0), KTO, 6)
     for i, want in enumerate([1.0, 1.0, 1.0, 0.5, 0.5, 0.5]):  # lambda (1 - sigmoid(0)) = lambda / 2
         expect(losses[i].item(), want, f"kto_loss when policy == reference and z = 0, example {i} "
-                                       f"(lambda {'D = 2' if i < 3 else 'U = 1'}): loss lambda / 2", abs_=1e-15)
-        expect(rewards[i].item(), 0.0, f"kto_loss when policy == reference, example {i}: reward")
+                                       f"(lambda {'D = 2' if i < 3 else 'U = 1'}): loss {KTO_LOSS[i < 3][1]} = "
+                                       f"lambda / 2", abs_=1e-15)
+        expect(rewards[i].item(), 0.0, f"kto_loss when policy == reference, example {i}: reward beta r")
 
 
 @pytest.mark.parametrize("function", ["dpo_loss", "ipo_loss", "kto_loss"])

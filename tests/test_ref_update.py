@@ -13,10 +13,15 @@ from grading import call
 from ref_update import should_update, update_reference
 
 
+def as_train_py_builds_it(policy):
+    """The reference as train.py builds it: a copy of the policy that never trains (requires_grad False)."""
+    return copy.deepcopy(policy).requires_grad_(False)
+
+
 def two_models(dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
     policy = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).to(dtype)
-    reference = copy.deepcopy(policy)
+    reference = as_train_py_builds_it(policy)
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(torch.randn_like(p))  # the policy has moved away from the reference
@@ -38,7 +43,7 @@ class TiedLM(torch.nn.Module):
 def tied_models(seed=0):
     torch.manual_seed(seed)
     policy = TiedLM()
-    reference = copy.deepcopy(policy)  # deepcopy keeps the tie: one tensor in the reference too
+    reference = as_train_py_builds_it(policy)  # deepcopy keeps the tie: one tensor in the reference too
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(torch.randn_like(p))
@@ -58,20 +63,37 @@ def same(got, want, case, exact=False):
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
 def test_update_reference_matches_float64_mix(alpha):
     policy, reference = two_models()
-    expected = [alpha * p.double() + (1 - alpha) * r.double()
-                for p, r in zip(policy.parameters(), reference.parameters())]
+    before = [r.clone() for r in reference.parameters()]
+    expected = [alpha * p.double() + (1 - alpha) * r.double() for p, r in zip(policy.parameters(), before)]
     call(update_reference, reference, policy, alpha)
+    unmoved = alpha > 0 and all(torch.equal(r, b) for r, b in zip(reference.parameters(), before))
     for (name, got), want in zip(reference.named_parameters(), expected):
         same(got.double(), want, f"update_reference with alpha {alpha}: reference {name} should be "
-                                 f"alpha * policy + (1 - alpha) * reference")
+                                 f"alpha * policy + (1 - alpha) * reference" + (
+                                     ", but no tensor of the reference moved: write into every tensor of "
+                                     "reference.parameters() in place (r.lerp_(p, alpha)); train.py's reference "
+                                     "never trains (requires_grad False), so a test of requires_grad skips all of "
+                                     "them, and a new tensor bound to a name changes nothing" if unmoved else ""))
+
+
+def test_update_reference_leaves_the_reference_outside_autograd():
+    policy, reference = two_models()
+    call(update_reference, reference, policy, 0.3)
+    for name, r in reference.named_parameters():
+        assert not r.requires_grad and r.grad_fn is None, (
+            f"update_reference with alpha 0.3: reference {name} now requires grad (its value came from the policy's "
+            f"autograd graph), but the reference never trains: mix under torch.no_grad() (@torch.no_grad() above "
+            f"the def)")
 
 
 def test_update_reference_hard_update_copies_bitwise():
-    policy, reference = two_models()
+    policy, reference = two_models(seed=1)[0], two_models(seed=2)[1]  # unrelated: r + (p - r) is then not p
     call(update_reference, reference, policy, 1.0)
     for (name, r), p in zip(reference.named_parameters(), policy.parameters()):
-        same(r, p, f"update_reference with alpha 1 (the hard update): reference {name} must be a bit-exact copy",
-             exact=True)
+        same(r, p, f"update_reference with alpha 1 (the hard update), on a policy unrelated to the reference: "
+                   f"reference {name} must be a bit-exact copy, and r + alpha (p - r) rounds (in floating point "
+                   f"r + (p - r) is not always p): write r.lerp_(p, alpha) (exact at alpha 1) or "
+                   f"r.mul_(1 - alpha).add_(p, alpha=alpha)", exact=True)
 
 
 def test_update_reference_with_alpha_zero_leaves_reference_bitwise_unchanged():

@@ -5,6 +5,7 @@ any flag added later, must equal the checkpoint's, and the training pairs themse
 length may change unless a flag ties the run to it: each such flag says so beside itself (flags.run_length), and a
 run that depends on its length without saying so fails here.
 """
+import copy
 import json
 import os
 import re
@@ -86,6 +87,33 @@ def test_an_older_checkpoint_without_a_newer_flag_reads_it_as_the_parsers_defaul
         checkpoint.check_same_run(saved, {**saved, "kto_lambda_d": 2.0}, parser_of("train.py"), "old")
 
 
+def test_an_older_vanilla_checkpoint_resumes_once_a_rule_flag_with_a_default_exists():
+    """A vanilla method records the rule's flags as None (not in force); a checkpoint saved before a rule flag existed
+    lacks it. Once such a flag has a default other than None (here --drift 0.5), the old checkpoint still resumes."""
+    parser = copy.deepcopy(parser_of("train.py"))
+    parser.add_argument("--drift", type=float, default=0.5)
+    saved = {"method": "dpo", "beta": 0.1, "alpha": None, "tau": None}  # written before --drift existed
+    checkpoint.check_same_run(saved, {**saved, "drift": None}, parser, "old")
+    checkpoint.check_same_run({**saved, "method": "tr_dpo"}, {**saved, "method": "tr_dpo", "drift": 0.5}, parser, "old")
+    with pytest.raises(UserError, match="--drift 0.5 in the checkpoint, 0.7 now"):
+        checkpoint.check_same_run(saved, {**saved, "drift": 0.7}, parser, "old")
+
+
+def test_resuming_from_a_model_written_again_under_the_same_path_is_refused(tmp_path):
+    """The SFT model trained again into the folder --model names, between a run's start and its resume: the run would
+    go on against other weights. The fingerprint its checkpoint keeps refuses it; the same weights resume."""
+    from test_identity import saved_model
+    sft = saved_model(tmp_path / "sft")
+    flags = [*TINY_RUN, "--model", sft, "--method", "dpo", "--out_dir", tmp_path / "run"]
+    assert train_py(*flags, "--max_steps", "1")[0] == 0
+    saved_model(tmp_path / "sft", seed=1)  # the SFT folder redone
+    status, log = train_py(*flags, "--max_steps", "2", "--resume")
+    assert status == 1 and f"--model {sft} is not the model" in log and "Traceback" not in log, log[-2000:]
+    saved_model(tmp_path / "sft")  # the weights it started from, written again
+    status, log = train_py(*flags, "--max_steps", "2", "--resume")
+    assert status == 0 and "step 2" in log, log[-2000:]
+
+
 LENGTH_RUN = [*TINY_RUN, "--method", "tr_dpo", "--alpha", "0.5"]  # the reference moves every step
 
 
@@ -164,8 +192,8 @@ def test_a_checkpoint_holds_no_random_number_state(finished):
     index that does not exist fails (torch/cuda/random.py). A CPU cannot show that failure; it can show the state."""
     state = torch.load(finished[0] / "step_000002" / "state.pt", weights_only=False)
     assert "rng" not in state and not any(isinstance(v, torch.ByteTensor) for v in state.values())
-    assert sorted(state) == ["data_sha256", "optimizer", "ref_updates", "reference", "run", "skipped_steps", "step",
-                             "wandb_id"]
+    assert sorted(state) == ["data_sha256", "model_sha256", "optimizer", "ref_updates", "reference", "run",
+                             "skipped_steps", "step", "wandb_id"]
 
 
 def anonymous_bytes():

@@ -58,10 +58,10 @@ def test_a_rule_mixes_exactly_when_an_update_weighs_the_policy_less_than_1(argv,
 
 @pytest.mark.parametrize("argv, rule", every_rule(), ids=lambda x: " ".join(x) if isinstance(x, list) else "")
 def test_the_rule_a_run_keeps_is_the_rule_it_ran(argv, rule):
-    """train.py writes rule.in_force() and max_steps into args.json; plot.py and evaluate.py read Rule.of_run(it)."""
+    """train.py writes rule.in_force() and max_steps into args.json; Rule.of_run reads the rule back from it."""
     run = {"method": "tr_dpo", **rule.in_force(), "max_steps": rule.horizon}
     assert Rule.of_run(run) == rule
-    assert rule.label and str(rule)
+    assert str(rule)
 
 
 def test_every_value_of_every_rule_flag_reaches_the_rule():
@@ -92,8 +92,40 @@ def test_the_rules_flags_are_refused_for_a_method_whose_reference_never_moves():
             Rule.of_args(p, p.parse_args(["--method", "dpo", a.option_strings[0], value]))
 
 
+def applied(rule, steps=8):
+    """What a run of `rule` records of its updates, step by step as train.py calls Rule.apply, and the weights its
+    reference took ([[step, weight], ...], and the reference parameter after each step): a one-parameter policy
+    whose value is the step number, a reference starting at 0."""
+    import torch
+    policy, reference = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(reference.weight)
+    record, values = {}, []
+    for step in range(1, steps + 1):
+        torch.nn.init.constant_(policy.weight, float(step))
+        rule.apply(step, reference, policy, record, log=lambda message: None)
+        values.append(reference.weight.item())
+    return record.get("ref_updates/applied", []), values
+
+
+@pytest.mark.parametrize("argv, rule", every_rule(), ids=lambda x: " ".join(x) if isinstance(x, list) else "")
+def test_the_record_of_an_update_is_the_update_the_reference_took(argv, rule):
+    """Each [step, weight] recorded is the step and the weight of a mix the reference did take, and no other
+    update happened: replaying the record on the same policy gives the same reference."""
+    record, values = applied(rule)
+    replayed, ref = [], 0.0
+    for step in range(1, 9):
+        for s, w in (u for u in record if u[0] == step):
+            ref = w * step + (1 - w) * ref  # theta_ref <- alpha * theta + (1 - alpha) * theta_ref
+        replayed.append(ref)
+    assert replayed == pytest.approx(values, abs=1e-6), (argv, record)
+
+
 def test_rules_that_differ_are_told_apart_in_the_start_up_line_and_the_legends():
-    """str(rule) starts every run; rule.label names the run in plot.py's and evaluate.py's legends: a rule flag that
-    they do not show would make two different runs read the same."""
+    """str(rule) starts every run; ref_update.recorded names the run in plot.py's and evaluate.py's legends from the
+    updates it recorded: two runs whose references moved differently must not read the same."""
+    from ref_update import recorded
     rules = {rule for _, rule in every_rule()}
-    assert len({rule.label for rule in rules}) == len({str(rule) for rule in rules}) == len(rules)
+    assert len({str(rule) for rule in rules}) == len(rules)
+    histories = {tuple(map(tuple, applied(rule)[0])) for rule in rules}
+    moved = {tuple(u for u in h if u[1] > 0) for h in histories}  # alpha 0: recorded, moves nothing
+    assert len({recorded(h, 8) for h in moved}) == len(moved)
