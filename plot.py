@@ -115,11 +115,12 @@ def measured(key, records):
 def series(key, records):
     """(x, y): the line of one metric of one run, with a gap at each tie. The reference's drift, unless the run
     recorded an update after every step, is a step function: constant from one update to the next, a vertical jump at
-    each, its value from an evaluation while it was in force (none: a gap)."""
+    each, its value from an evaluation while it was in force (none: a gap). Where no update was recorded (a vanilla
+    run, or one logged before the record existed), the measured points, joined: no jump is drawn that is not known."""
     points = measured(key, records)
     last = max(records[-1]["step"], points[-1][0]) if points else 0
     moved = reference_updates(records)
-    if not key.startswith("drift/reference") or not points or every_step(moved, records[-1]["step"]):
+    if not key.startswith("drift/reference") or not points or moved is None or every_step(moved, records[-1]["step"]):
         return [s for s, _ in points], [v for _, v in points]
     # the evaluation after step s measured the reference step s trained with: the one after the updates before s
     updates = [s for s, _ in moved or [] if s < last]

@@ -94,7 +94,9 @@ def evaluations(drifts, last, updates=None, every=4):
     ({5: 1.0, 23: 1.0}, {0: 0.0, 20: -3.0, 40: -7.0}, ([0, 5, 5, 23, 23, 40], [0, 0, -3, -3, -7, -7])),
     ({s: 0.5 for s in range(1, 41)}, {0: 0.0, 20: -3.0, 40: -7.0}, ([0, 20, 40], [0, -3, -7])),  # every step: glides
     ({}, {0: 0.0, 20: 0.0, 40: 0.0}, ([0, 40], [0, 0])),  # a TR run whose reference never moved
-    (None, {0: 0.0, 20: 0.0, 40: 0.0}, ([0, 40], [0, 0])),  # vanilla: the reference never moves
+    (None, {0: 0.0, 20: 0.0, 40: 0.0}, ([0, 20, 40], [0, 0, 0])),  # vanilla: the reference never moves
+    # a TR run logged before updates were recorded: its measurements joined, never one value drawn over the whole run
+    (None, {0: 0.0, 20: -3.0, 40: -7.0}, ([0, 20, 40], [0, -3, -7])),
 ])
 def test_the_reference_drift_is_flat_between_updates_and_jumps_at_each(updates, drifts, expected):
     x, y = plot.series("drift/reference_chosen", evaluations(drifts, 40, updates))
