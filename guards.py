@@ -74,9 +74,9 @@ STOPPED = 75  # the exit status of a run stopped by a signal before its last ste
 
 class StopSignals:
     """SIGTERM (a scheduler's `scancel`, a preemption) or SIGINT (Ctrl-C) asks the run to stop after the current
-    optimizer step, save, and exit STOPPED. Under plain `python` a second Ctrl-C stops at once, unless a checkpoint is being
-    written. Under torchrun a second signal never stops a worker: Ctrl-C in a terminal reaches every process of the
-    group, and torchrun forwards the same signal again, so each worker gets two at once. torchrun itself kills its
+    optimizer step, save, and exit STOPPED. Under plain `python` a second Ctrl-C stops at once, unless a checkpoint is
+    being written. Under torchrun a second signal never stops a worker: Ctrl-C in a terminal reaches every process of
+    the group, and torchrun forwards the same signal again, so each worker gets two at once. torchrun itself kills its
     workers `--shutdown-timeout` seconds (default 30) after it got the signal, and exits 1 (see DESIGN.md)."""
 
     def __init__(self, under_torchrun):
@@ -90,10 +90,12 @@ class StopSignals:
         self.requested = True
 
 
-def check_finite(step, loss, grad_norm, places, skipped, limit, save, log):
-    """A step whose loss or gradient norm is NaN or inf is never applied. Returns True to skip it (at most `limit`
-    in a run); otherwise saves the last good state and stops, naming every row of the step (`places`, this rank's;
-    every rank's are gathered). Every rank calls it with the same numbers, so all ranks decide alike."""
+def check_finite(step, totals, places, skipped, limit, save, log):
+    """A step whose loss or gradient norm (`totals`, the step's sums over ranks) is NaN or inf is never applied.
+    Returns True to skip it (at most `limit` in a run, and never once a signal asked the run to stop: a run that skips
+    every step must still stop); otherwise saves the last good state and stops, naming every row of the step (`places`,
+    this rank's; every rank's are gathered). Every rank calls it with the same numbers, so all ranks decide alike."""
+    loss, grad_norm = totals["loss"], totals["grad_norm"]
     if math.isfinite(loss) and math.isfinite(grad_norm):
         return False
     if dist.is_initialized():  # every rank's rows, in every rank's message
@@ -101,10 +103,13 @@ def check_finite(step, loss, grad_norm, places, skipped, limit, save, log):
         dist.all_gather_object(gathered, places)
         places = sum(gathered, [])
     message = f"step {step}: loss {loss:.4g}, gradient norm {grad_norm:.4g}; rows {places}"
-    if skipped < limit:
+    if skipped < limit and not totals["stop"]:
         log(f"warning: skipped {message} ({skipped + 1} of at most {limit}, --skip_nonfinite)")
         return True
     final = save()  # the weights are still those of the last good step
+    if totals["stop"]:
+        say(f"stopped by a signal at non-finite {message}, not applied; saved {final}: continue with --resume")
+        finish(STOPPED)
     fail(f"non-finite {message}. Saved the last good state, {final}. Check those rows; then continue the run with "
          "--resume --skip_nonfinite N (steps like this one skipped, their batches lost; a resume keeps --lr), or train "
          f"with a lower --lr afresh from --model {final}/policy into another --out_dir (the reference, the optimizer "

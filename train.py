@@ -392,8 +392,7 @@ while step < max_steps:
     totals = sum_over_ranks(step_sums, {"tokens": sum(b["tokens"] for b in micro_batches), "stop": stop.requested},
                             grad_norm)
     places = [where for b in micro_batches for where in b["places"]]
-    if guards.check_finite(step + 1, totals["loss"], totals["grad_norm"], places, skipped, args.skip_nonfinite, save,
-                           log):
+    if guards.check_finite(step + 1, totals, places, skipped, args.skip_nonfinite, save, log):
         skipped += 1  # the weights stay those of the last good step; the next step takes the next batch
         optimizer.zero_grad(set_to_none=ddp is None)
         continue

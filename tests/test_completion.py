@@ -59,3 +59,16 @@ def test_a_training_stopped_by_a_signal_is_never_evaluated_nor_recorded(tmp_path
 
 def test_a_stopped_training_has_its_own_exit_status():
     assert STOPPED not in (0, 1, 2)  # not success, a failure, nor argparse's refusal
+
+
+def test_a_signal_stops_a_run_that_skips_every_step_saved_and_resumable():
+    """--skip_nonfinite N with every step non-finite skipped on and on, and a SIGTERM was never read: the skip came
+    before the loop's stop check. A stop asked for stops the run at that step, saved, with STOPPED."""
+    import guards
+    saves = []
+    totals = {"loss": float("nan"), "grad_norm": 1.0, "stop": 0.0}
+    assert guards.check_finite(3, totals, [], 0, 10**9, lambda: saves.append(3) or "step_2", print) is True
+    totals["stop"] = 1.0  # the step's sum over ranks of the stop flag
+    with pytest.raises(SystemExit) as stopped:
+        guards.check_finite(4, totals, [], 1, 10**9, lambda: saves.append(4) or "step_2", print)
+    assert stopped.value.code == STOPPED and saves == [4]
