@@ -22,6 +22,13 @@ def test_the_readme_states_no_files_length():
     assert not stated, f"README.md states file lengths, which every change would have to edit: {stated}"
 
 
+def test_every_test_file_is_in_designs_list_of_what_the_tests_check():
+    design = open(os.path.join(ROOT, "DESIGN.md")).read()
+    missing = [f for f in sorted(os.listdir(os.path.join(ROOT, "tests")))
+               if f.startswith("test_") and f.endswith(".py") and f"`{f}`" not in design]
+    assert not missing, f"DESIGN.md's list of what each test file checks leaves out {missing}"
+
+
 @pytest.mark.parametrize("document", DOCUMENTS)
 def test_every_metric_a_document_names_is_declared_in_metrics_py(document):
     groups = "|".join(sorted({k.split("/")[0] for k in METRICS if "/" in k}))  # rewards, logps, eval, drift, ...
