@@ -273,3 +273,26 @@ def test_make_setup_installs_again_only_when_the_requirements_change(tmp_path):
     os.utime(venv / "ready", (0, 0))  # requirements.txt changed since: a pull dates it after the stamp
     (venv / "requirements.txt").write_text("torch==0.0\n")
     assert subprocess.run(make, capture_output=True).returncode != 0, "changed requirements did not reinstall"
+
+
+def test_the_class_run_shipped_in_lesson_is_the_run_part_4_quotes_with_its_updates_recorded():
+    """A student who falls behind reads lesson/tr_dpo/ instead of their own run: its metrics.jsonl must be the quoted
+    log (each quoted value as train.py prints it, 4 significant digits), its args.json the command's, and its record of
+    reference updates the one the quote says happened (plot.py marks them from there)."""
+    import json
+    import plot
+    part4 = LESSON.split("## Part 4.")[1].split("wrote out/lesson/tr_dpo/curves.png")[0]  # the class run and its log
+    folder = os.path.join(ROOT, "lesson", "tr_dpo")
+    args, records = plot.read_run(folder)
+    command = next(line for line in part4.splitlines() if line.startswith("python train.py"))
+    for flag, value in re.findall(r"--(\w+) (\S+)", command):
+        if flag not in ("out_dir",):
+            assert str(args[flag]) == value, (flag, args[flag], value)
+    by_step = {r["step"]: r for r in records}
+    quoted = re.findall(r"^    step (\d+) (loss .*)$", part4, re.M)
+    assert len(quoted) == args["max_steps"]
+    for step, line in quoted:
+        for key, value in re.findall(r"([\w/]+) (-?[\d.e+-]+)(?= |$)", line):
+            assert f"{by_step[int(step)][key]:.4g}" == value or by_step[int(step)][key] == float(value), (step, key)
+    copies = [int(s) for s in re.findall(r"^    step (\d+): reference updated", part4, re.M)]
+    assert plot.reference_updates(records) == [(s, 1.0) for s in copies] and copies
