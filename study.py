@@ -198,7 +198,7 @@ def report(records, configs, out):
         points = [sft_stats] + [stats for step, stats in steps]
         ax.errorbar([p["kl"][0] for p in points], [p[quality][0] for p in points], xerr=[p["kl"][1] for p in points],
                     yerr=[p[quality][1] for p in points], fmt="o-", color=f"C{i}", capsize=3, markersize=4,
-                    label=name(config))
+                    label=f"{name(config)}, seeds: {len({r['seed'] for r in records if r['config'] == config})}")
         for step, stats in steps:
             ax.annotate(str(step), (stats["kl"][0], stats[quality][0]), fontsize=7, xytext=(4, -10),
                         textcoords="offset points")
