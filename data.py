@@ -18,6 +18,7 @@ import torch
 from jinja2 import TemplateError  # what a chat template's raise_exception raises (transformers)
 
 import token_cache
+from identity import same_prompt_tokens
 from sources import DataError, load_rows, prompt_groups, report
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -380,12 +381,7 @@ class Batches:
         one prompt has no other, and gets the next pair."""
         epoch = self.epoch_order(index // self.per_epoch)
         others = itertools.chain(batch[k + 1:], batch[:k], (self.examples[j] for j in epoch))
-        return next((e for e in others if not same_prompt(e, batch[k])), batch[(k + 1) % len(batch)])
-
-
-def same_prompt(a, b):
-    """Whether two pairs have one prompt: compared by the prompt's tokens as the model sees them."""
-    return torch.equal(a["prompt"], b["prompt"])
+        return next((e for e in others if not same_prompt_tokens(e, batch[k])), batch[(k + 1) % len(batch)])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """When two things are the same: by what they are, never by a name, a path or a spelling.
 
   a prompt          its conversation (prompt_key): the messages a chat template renders, a text prompt being one user
-                    turn; so a prompt written as text in one row and as a one-message list in another is one prompt
+                    turn; so a prompt written as text in one row and as a one-message list in another is one prompt;
+                    once tokenized, its token ids under the run's tokenizer (same_prompt_tokens)
   a model           a fingerprint of its weights and tokenizer files (model_fingerprint), recorded when a run starts
   a configuration   its train.py flags as train.py's parser reads them (configuration): `--method ipo --ipo_average`
                     is not `--method ipo`, and `--tau=16` is `--tau 16`
@@ -30,6 +31,12 @@ def prompt_key(prompt):
     they are still one question, and a question trained on is never scored as held out.)"""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     return json.dumps([[m["role"], m["content"].strip()] for m in messages], ensure_ascii=False)
+
+
+def same_prompt_tokens(a, b):
+    """Whether two tokenized pairs have one prompt, where only their tokens are at hand (data.Batches' choice of KTO's
+    mismatched rows): their prompt token ids under the run's tokenizer are equal."""
+    return a["prompt"].equal(b["prompt"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
