@@ -9,6 +9,7 @@ Inspect a data set before training:  python data.py hh --model EleutherAI/pythia
 """
 import argparse
 import collections
+import functools
 import hashlib
 import itertools
 import json
@@ -183,13 +184,19 @@ def fit_pair(row, tokenizer, ending, max_length, max_prompt_length):
             "text_cut": text_cut, "completion_cut": completion_cut, "status": status, "refusal": ""}
 
 
+@functools.lru_cache(maxsize=8)
+def special_tokens(tokenizer):
+    """The texts of a tokenizer's special tokens, sorted: read once per tokenizer, not once per row."""
+    added = tokenizer.added_tokens_decoder.values()
+    return sorted({*tokenizer.all_special_tokens, *(t.content for t in added if t.special)} - {""})
+
+
 def special_text(row, tokenizer):
     """'<token> in its chosen' for the first special token whose text a row's prompt or answers hold, else ''."""
     prompt = json.loads(row["prompt"])
     texts = {"prompt": [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt],
              "chosen": [row["chosen"]], "rejected": [row["rejected"]]}
-    added = tokenizer.added_tokens_decoder.values()
-    specials = sorted({*tokenizer.all_special_tokens, *(t.content for t in added if t.special)} - {""})
+    specials = special_tokens(tokenizer)
     return next((f"{token} in its {part}" for part, parts in texts.items() for token in specials
                  if any(token in text for text in parts)), "")
 
